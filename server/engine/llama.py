@@ -1,0 +1,244 @@
+"""Model and context handles over llama-cpp-python's low-level C API.
+
+This module and its siblings in engine/ are the only code that touches `llama_cpp`.
+Every call on a context happens on the engine thread that owns it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp.llama_cpp as lc
+import numpy as np
+import numpy.typing as npt
+
+from server.engine.types import ModelInfo
+from server.errors import ModelLoadError
+
+log = logging.getLogger("hostler.llama")
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+@lc.llama_log_callback  # type: ignore[untyped-decorator]
+def _log_callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    # llama.cpp is chatty at load time; route it into logging at debug level.
+    if text:
+        log.debug(text.decode("utf-8", errors="replace").rstrip("\n"))
+
+
+def _ensure_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            lc.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            lc.llama_backend_init()
+            _backend_ready = True
+
+
+def gpu_offload_supported() -> bool:
+    """True when this llama.cpp build has a GPU backend (CUDA, Metal, ...)."""
+    _ensure_backend()
+    return bool(lc.llama_supports_gpu_offload())
+
+
+@dataclass(frozen=True)
+class ContextOptions:
+    """How to load a model and size its context."""
+
+    n_ctx: int
+    slots: int
+    n_batch: int = 512
+    n_ubatch: int = 512
+    n_threads: int = 0
+    n_gpu_layers: int = 0
+    flash_attn: bool = False
+
+
+class LlamaModel:
+    """One loaded model with one context of `slots` sequences on a unified KV cache."""
+
+    def __init__(self, path: Path, options: ContextOptions) -> None:
+        _ensure_backend()
+        self.options = options
+        mparams = lc.llama_model_default_params()
+        mparams.n_gpu_layers = options.n_gpu_layers
+        model = lc.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model:
+            raise ModelLoadError(f"llama.cpp could not load the model file {path.name}")
+        self.model = model
+        cparams = lc.llama_context_default_params()
+        cparams.n_ctx = options.n_ctx
+        cparams.n_batch = options.n_batch
+        cparams.n_ubatch = min(options.n_ubatch, options.n_batch)
+        cparams.n_seq_max = options.slots
+        if options.n_threads > 0:
+            cparams.n_threads = options.n_threads
+            cparams.n_threads_batch = options.n_threads
+        cparams.kv_unified = True
+        cparams.no_perf = True
+        if options.flash_attn:
+            cparams.flash_attn_type = 1
+        ctx = lc.llama_init_from_model(model, cparams)
+        if not ctx:
+            lc.llama_model_free(model)
+            raise ModelLoadError("llama.cpp could not create a context (out of memory?)")
+        self.ctx = ctx
+        self.vocab = lc.llama_model_get_vocab(model)
+        self.memory = lc.llama_get_memory(ctx)
+        self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
+        self.n_ctx = int(lc.llama_n_ctx(ctx))
+        self._pieces: dict[int, bytes] = {}
+        self._eog = np.zeros(self.n_vocab, dtype=bool)
+        for tok in range(self.n_vocab):
+            self._eog[tok] = bool(lc.llama_vocab_is_eog(self.vocab, tok))
+        self.info = self._read_info()
+
+    # -- metadata -----------------------------------------------------------------
+
+    def _meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = lc.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            lc.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def _read_info(self) -> ModelInfo:
+        desc = ctypes.create_string_buffer(256)
+        lc.llama_model_desc(self.model, desc, len(desc))
+        bos = int(lc.llama_vocab_bos(self.vocab))
+        eos = int(lc.llama_vocab_eos(self.vocab))
+        return ModelInfo(
+            n_ctx=self.n_ctx,
+            n_ctx_train=int(lc.llama_model_n_ctx_train(self.model)),
+            n_vocab=self.n_vocab,
+            bos_token=self.special_text(bos) if bos >= 0 else "",
+            eos_token=self.special_text(eos) if eos >= 0 else "",
+            add_bos=bool(lc.llama_vocab_get_add_bos(self.vocab)),
+            chat_template=self._meta("tokenizer.chat_template"),
+            description=desc.value.decode("utf-8", errors="replace"),
+            size_bytes=int(lc.llama_model_size(self.model)),
+            n_params=int(lc.llama_model_n_params(self.model)),
+            gpu_offload=self.options.n_gpu_layers != 0 and bool(lc.llama_supports_gpu_offload()),
+            slots=self.options.slots,
+        )
+
+    # -- tokens ---------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (lc.llama_token * n_max)()
+        n = lc.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:
+            n_max = -n
+            buf = (lc.llama_token * n_max)()
+            n = lc.llama_tokenize(
+                self.vocab, data, len(data), buf, n_max, add_special, parse_special
+            )
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a generated token adds to the output (control tokens add nothing)."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            cached = self._to_piece(token, special=False)
+            self._pieces[token] = cached
+        return cached
+
+    def special_text(self, token: int) -> str:
+        """A token's text with control tokens rendered (e.g. '<|im_end|>')."""
+        return self._to_piece(token, special=True).decode("utf-8", errors="replace")
+
+    def _to_piece(self, token: int, *, special: bool) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._eog[token])
+
+    # -- KV cache -------------------------------------------------------------------
+
+    def seq_rm(self, seq: int, p0: int, p1: int = -1) -> bool:
+        return bool(lc.llama_memory_seq_rm(self.memory, seq, p0, p1))
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        lc.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
+
+    def clear(self) -> None:
+        lc.llama_memory_clear(self.memory, True)
+
+    # -- decode -----------------------------------------------------------------------
+
+    def decode(self, batch: Batch) -> int:
+        batch.struct.n_tokens = batch.n
+        return int(lc.llama_decode(self.ctx, batch.struct))
+
+    def logits_row(self, index: int) -> npt.NDArray[np.float32]:
+        """A writable view of the logits of batch position `index` (valid until next decode)."""
+        ptr = lc.llama_get_logits_ith(self.ctx, index)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            lc.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            lc.llama_model_free(self.model)
+            self.model = None
+
+
+class Batch:
+    """A llama_batch whose arrays are numpy arrays we own (filled by slices, not per token)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.n = 0
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self.seq = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        i32p = ctypes.POINTER(ctypes.c_int32)
+        base = self.seq.ctypes.data
+        self._seq_ptrs = (i32p * capacity)(*(ctypes.cast(base + 4 * i, i32p) for i in range(capacity)))
+        s = lc.llama_batch()
+        s.n_tokens = 0
+        s.token = self.token.ctypes.data_as(i32p)
+        s.embd = None
+        s.pos = self.pos.ctypes.data_as(i32p)
+        s.n_seq_id = self.n_seq_id.ctypes.data_as(i32p)
+        s.seq_id = ctypes.cast(self._seq_ptrs, ctypes.POINTER(i32p))
+        s.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self.struct = s
+
+    def clear(self) -> None:
+        self.n = 0
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.n
+
+    def add(self, tokens: list[int], pos0: int, seq: int, want_last_logits: bool) -> int:
+        """Append tokens of one sequence; return the batch index of the last one."""
+        a, b = self.n, self.n + len(tokens)
+        self.token[a:b] = tokens
+        self.pos[a:b] = np.arange(pos0, pos0 + len(tokens), dtype=np.int32)
+        self.seq[a:b] = seq
+        self.logits[a:b] = 0
+        if want_last_logits:
+            self.logits[b - 1] = 1
+        self.n = b
+        return b - 1

@@ -1,0 +1,189 @@
+"""Per-request sampler chains: llama.cpp's samplers, plus the few it lacks applied in numpy.
+
+The chain is built once per request; the per-token path is one `llama_sampler_sample`
+call, and touches the logits row in numpy only when a request asks for something that
+needs it (top_a, min_tokens, logprobs).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import random
+from collections.abc import Callable
+from typing import Any
+
+import llama_cpp.llama_cpp as lc
+import numpy as np
+import numpy.typing as npt
+
+from server.engine.llama import LlamaModel
+from server.engine.types import SamplingParams, TokenLogprob
+
+# The default order of the truncation/shaping stages, after logit bias and penalties.
+DEFAULT_ORDER: tuple[str, ...] = (
+    "top_n_sigma",
+    "top_k",
+    "typical_p",
+    "top_p",
+    "min_p",
+    "xtc",
+    "temperature",
+)
+STAGES = frozenset(DEFAULT_ORDER) | {"top_a", "dry", "penalties"}
+
+
+def apply_top_a(logits: npt.NDArray[np.float32], top_a: float) -> None:
+    """Mask (in place) tokens whose probability is below top_a * p_max**2."""
+    m = float(logits.max())
+    probs = np.exp(logits - m)
+    probs /= probs.sum()
+    p_max = float(probs.max())
+    logits[probs < top_a * p_max * p_max] = -np.inf
+
+
+class SeqSampler:
+    """One sequence's sampler: a llama sampler chain plus numpy pre-processing."""
+
+    def __init__(self, model: LlamaModel, params: SamplingParams, seed: int | None) -> None:
+        self.model = model
+        self.params = params
+        self.seed = seed if seed is not None else random.getrandbits(32)
+        self._keep: list[object] = []  # ctypes buffers the chain points into
+        self.chain = self._build()
+        self._eog_ids = np.flatnonzero(model._eog)
+        self._pre: list[Callable[[npt.NDArray[np.float32], int], None]] = []
+        if params.min_tokens > 0:
+            self._pre.append(self._suppress_eog_until_min)
+        if params.top_a > 0:
+            top_a = params.top_a
+            self._pre.append(lambda row, _n: apply_top_a(row, top_a))
+        self.wants_logprobs = params.top_logprobs is not None
+
+    def _build(self) -> Any:
+        p = self.params
+        m = self.model
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        add: Callable[[object], None] = lambda s: lc.llama_sampler_chain_add(chain, s)  # noqa: E731
+        bias = dict(p.logit_bias)
+        if p.ignore_eos:
+            for tok in np.flatnonzero(m._eog):
+                bias[int(tok)] = -math.inf
+        if bias:
+            arr = (lc.llama_logit_bias * len(bias))()
+            for i, (tok, val) in enumerate(bias.items()):
+                arr[i].token = tok
+                arr[i].bias = val
+            self._keep.append(arr)
+            add(lc.llama_sampler_init_logit_bias(m.n_vocab, len(bias), arr))
+        if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+            add(
+                lc.llama_sampler_init_penalties(
+                    m.n_vocab,
+                    p.penalty_last_n,
+                    p.repetition_penalty,
+                    p.frequency_penalty,
+                    p.presence_penalty,
+                )
+            )
+        if p.dry_multiplier > 0:
+            breakers = [b.encode() for b in p.dry_sequence_breakers]
+            c_breakers = (ctypes.c_char_p * len(breakers))(*breakers)
+            self._keep.append(c_breakers)
+            add(
+                lc.llama_sampler_init_dry(
+                    m.vocab,
+                    p.dry_multiplier,
+                    p.dry_base,
+                    p.dry_allowed_length,
+                    p.dry_penalty_last_n,
+                    c_breakers,
+                    len(breakers),
+                )
+            )
+        if p.grammar:
+            grammar = lc.llama_sampler_init_grammar(m.vocab, p.grammar.encode(), b"root")
+            if not grammar:
+                lc.llama_sampler_free(chain)
+                raise ValueError("invalid grammar")
+            add(grammar)
+        if p.greedy:
+            add(lc.llama_sampler_init_greedy())
+            return chain
+        if p.mirostat == 2:
+            add(lc.llama_sampler_init_temp(p.temperature))
+            add(lc.llama_sampler_init_mirostat_v2(self.seed, p.mirostat_tau, p.mirostat_eta))
+            return chain
+        for stage in p.sampler_order or DEFAULT_ORDER:
+            self._add_stage(add, stage)
+        add(lc.llama_sampler_init_dist(self.seed))
+        return chain
+
+    def _add_stage(self, add: Callable[[object], None], stage: str) -> None:
+        p = self.params
+        if stage == "top_n_sigma" and p.top_n_sigma > 0:
+            add(lc.llama_sampler_init_top_n_sigma(p.top_n_sigma))
+        elif stage == "top_k" and p.top_k > 0:
+            add(lc.llama_sampler_init_top_k(p.top_k))
+        elif stage == "typical_p" and p.typical_p < 1.0:
+            add(lc.llama_sampler_init_typical(p.typical_p, 1))
+        elif stage == "top_p" and p.top_p < 1.0:
+            add(lc.llama_sampler_init_top_p(p.top_p, 1))
+        elif stage == "min_p" and p.min_p > 0:
+            add(lc.llama_sampler_init_min_p(p.min_p, 1))
+        elif stage == "xtc" and p.xtc_probability > 0:
+            add(lc.llama_sampler_init_xtc(p.xtc_probability, p.xtc_threshold, 1, self.seed))
+        elif stage == "temperature":
+            if p.dynatemp_range > 0:
+                add(
+                    lc.llama_sampler_init_temp_ext(
+                        p.temperature, p.dynatemp_range, p.dynatemp_exponent
+                    )
+                )
+            else:
+                add(lc.llama_sampler_init_temp(p.temperature))
+
+    def _suppress_eog_until_min(self, row: npt.NDArray[np.float32], n_generated: int) -> None:
+        if n_generated < self.params.min_tokens:
+            row[self._eog_ids] = -np.inf
+
+    def sample(self, index: int, n_generated: int) -> tuple[int, TokenLogprob | None]:
+        """Pick the next token from batch position `index`; the chain accepts it."""
+        logprob: TokenLogprob | None = None
+        raw: npt.NDArray[np.float32] | None = None
+        if self._pre or self.wants_logprobs:
+            row = self.model.logits_row(index)
+            if self.wants_logprobs:
+                raw = row.copy()
+            for fn in self._pre:
+                fn(row, n_generated)
+        token = int(lc.llama_sampler_sample(self.chain, self.model.ctx, index))
+        if raw is not None:
+            logprob = self._logprob(raw, token)
+        return token, logprob
+
+    def _logprob(self, raw: npt.NDArray[np.float32], token: int) -> TokenLogprob:
+        m = float(raw.max())
+        logz = m + math.log(float(np.exp(raw - m).sum()))
+        k = self.params.top_logprobs or 0
+        top: list[tuple[str, float, list[int]]] = []
+        if k > 0:
+            ids = np.argpartition(-raw, k)[:k]
+            ids = ids[np.argsort(-raw[ids])]
+            for t in ids:
+                piece = self.model.piece(int(t))
+                top.append(
+                    (piece.decode("utf-8", errors="replace"), float(raw[t]) - logz, list(piece))
+                )
+        piece = self.model.piece(token)
+        return TokenLogprob(
+            token=piece.decode("utf-8", errors="replace"),
+            logprob=float(raw[token]) - logz,
+            bytes=list(piece),
+            top=top,
+        )
+
+    def close(self) -> None:
+        if self.chain is not None:
+            lc.llama_sampler_free(self.chain)
+            self.chain = None

@@ -1,0 +1,127 @@
+"""The engine's small interface: what goes in (a request), what comes out (step outputs)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Everything that decides how the next token is picked. Neutral values disable a stage."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    top_a: float = 0.0
+    typical_p: float = 1.0
+    top_n_sigma: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    penalty_last_n: int = 64
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = -1
+    dry_sequence_breakers: tuple[str, ...] = ("\n", ":", '"', "*")
+    xtc_threshold: float = 0.1
+    xtc_probability: float = 0.0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    mirostat: int = 0
+    dynatemp_range: float = 0.0
+    dynatemp_exponent: float = 1.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    grammar: str | None = None
+    top_logprobs: int | None = None
+    """None: no logprobs. 0..20: the sampled token's logprob plus this many alternatives."""
+    sampler_order: tuple[str, ...] | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request to the engine: a tokenized prompt, n choices, when to stop."""
+
+    prompt_tokens: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+    stop_token_ids: frozenset[int] = frozenset()
+    n: int = 1
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: list[int]
+    top: list[tuple[str, float, list[int]]]
+
+
+@dataclass
+class SeqOutput:
+    """What one choice produced in one engine step."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Facts about a loaded model that the serving layer needs."""
+
+    n_ctx: int
+    n_ctx_train: int
+    n_vocab: int
+    bos_token: str
+    eos_token: str
+    add_bos: bool
+    chat_template: str | None
+    description: str
+    size_bytes: int
+    n_params: int
+    gpu_offload: bool
+    slots: int
+
+
+class GenerationHandle(Protocol):
+    """A submitted request: iterate it for outputs; cancel it to free its slots."""
+
+    def __aiter__(self) -> AsyncIterator[list[SeqOutput]]: ...
+
+    def cancel(self) -> None: ...
+
+
+class Engine(Protocol):
+    """The small interface every engine (real or fake) offers to the serving layer."""
+
+    info: ModelInfo
+
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]: ...
+
+    def token_text(self, token_id: int) -> str: ...
+
+    def submit(self, request: GenerationRequest) -> GenerationHandle: ...
+
+    def health(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
