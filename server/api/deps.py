@@ -1,0 +1,58 @@
+"""Dependencies: services from app.state, and the API key check."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from server.config import Settings
+from server.errors import AuthenticationError
+from server.serving.chat import ChatService
+from server.serving.generations import GenerationLog
+from server.serving.models import ModelService
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def _chat(request: Request) -> ChatService:
+    service: ChatService = request.app.state.chat
+    return service
+
+
+def _models(request: Request) -> ModelService:
+    service: ModelService = request.app.state.models
+    return service
+
+
+def _generations(request: Request) -> GenerationLog:
+    log: GenerationLog = request.app.state.generations
+    return log
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+ChatDep = Annotated[ChatService, Depends(_chat)]
+ModelsDep = Annotated[ModelService, Depends(_models)]
+GenerationsDep = Annotated[GenerationLog, Depends(_generations)]
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token:
+        return token.strip()
+    return request.headers.get("x-api-key")
+
+
+async def require_key(request: Request, settings: SettingsDep) -> None:
+    if not settings.api_key:
+        return
+    token = bearer_token(request)
+    if token is None:
+        raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'")
+    if not hmac.compare_digest(token.encode(), settings.api_key.encode()):
+        raise AuthenticationError("invalid API key")

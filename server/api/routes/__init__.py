@@ -1,0 +1,1 @@
+"""Thin routes: parse, call the serving layer, return JSON or a stream."""

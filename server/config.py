@@ -1,0 +1,90 @@
+"""Settings, layered: models.yaml `server:` block < environment `HOSTLER_*` < CLI flags."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from server.errors import ConfigError
+from server.registry.schema import ModelsFile, load_models_file
+
+
+class Settings(BaseSettings):
+    """Every knob of `hostler serve`. Each field is also env `HOSTLER_<NAME>` and a flag."""
+
+    model_config = SettingsConfigDict(env_prefix="HOSTLER_", extra="forbid")
+
+    models_file: Path = Field(Path("models.yaml"), description="Path to the model registry.")
+    model: str | None = Field(
+        None, description="Model to load at start-up and use when a request names none."
+    )
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    api_key: str | None = Field(
+        None, description="If set, requests need 'Authorization: Bearer <key>' (/health stays open)."
+    )
+    slots: int | None = Field(
+        None, ge=1, le=64, description="Parallel sequences per model (default 4 on CPU, 8 on GPU)."
+    )
+    max_queue: int = Field(64, ge=0, description="Requests that may wait for a slot before 429.")
+    threads: int = Field(0, ge=0, description="CPU threads for llama.cpp (0: one per core).")
+    batch_size: int = Field(512, ge=32, description="Tokens per llama_decode step (n_batch).")
+    max_models: int = Field(1, ge=1, description="Models kept loaded at once.")
+    flash_attn: bool = Field(False, description="Use flash attention (mainly for GPUs).")
+    shutdown_grace: float = Field(
+        30.0, ge=0, description="Seconds in-flight requests may finish after SIGTERM."
+    )
+    keepalive: float = Field(
+        5.0, gt=0, description="Seconds between ': HOSTLER PROCESSING' SSE comments."
+    )
+    cors_origins: list[str] = Field(["*"], description="Origins allowed by CORS.")
+    log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+
+
+class _YamlServerBlock(PydanticBaseSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings], block: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._block = block
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._block.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._block)
+
+
+def load_settings(
+    overrides: dict[str, Any] | None = None,
+) -> tuple[Settings, ModelsFile]:
+    """Build Settings from the three layers; also return the parsed models file."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    path = Path(overrides.get("models_file") or os.environ.get("HOSTLER_MODELS_FILE", "models.yaml"))
+    models = load_models_file(path)
+    block = dict(models.server)
+    block["models_file"] = path
+
+    class _Layered(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, env_settings, _YamlServerBlock(settings_cls, block))
+
+    try:
+        layered = _Layered(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(
+            f"invalid setting '{'.'.join(str(x) for x in first['loc'])}': {first['msg']}"
+        ) from exc
+    return Settings.model_construct(**layered.model_dump()), models

@@ -1,0 +1,1 @@
+"""Wire models of the OpenAI chat API with OpenRouter's extensions. Nothing else."""

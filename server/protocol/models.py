@@ -1,0 +1,46 @@
+"""`/v1/models`: OpenAI's model object with OpenRouter's extra fields."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class Architecture(BaseModel):
+    modality: str = "text->text"
+    tokenizer: str = "Other"
+    instruct_type: str | None = None
+
+
+class Pricing(BaseModel):
+    prompt: str = "0"
+    completion: str = "0"
+    request: str = "0"
+    image: str = "0"
+
+
+class TopProvider(BaseModel):
+    context_length: int
+    max_completion_tokens: int | None = None
+    is_moderated: bool = False
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "hostler"
+    name: str
+    description: str = ""
+    context_length: int
+    architecture: Architecture = Field(default_factory=Architecture)
+    pricing: Pricing = Field(default_factory=Pricing)
+    top_provider: TopProvider
+    supported_parameters: list[str] = Field(default_factory=list)
+    hostler: dict[str, object] = Field(default_factory=dict)
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

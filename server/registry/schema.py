@@ -1,0 +1,131 @@
+"""The `models.yaml` schema: which models exist, where their GGUF comes from, how to run them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from server.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HuggingFaceSource(_Strict):
+    type: Literal["huggingface"] = "huggingface"
+    repo: str = Field(description="Hugging Face repository id, e.g. 'TheDrummer/Rocinante-12B-v1.1-GGUF'.")
+    file: str = Field(description="GGUF file name inside the repository.")
+    revision: str = Field("main", description="Branch, tag or commit to download.")
+    sha256: str | None = Field(
+        None, description="Expected SHA-256 of the file; checked before the file is used."
+    )
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str | None) -> str | None:
+        if v is not None and (len(v) != 64 or any(c not in "0123456789abcdef" for c in v.lower())):
+            raise ValueError("sha256 must be 64 hexadecimal characters")
+        return v.lower() if v else v
+
+
+class PathSource(_Strict):
+    type: Literal["path"] = "path"
+    path: Path = Field(description="A GGUF file on disk (relative paths: to models.yaml).")
+
+
+class PackageSource(_Strict):
+    type: Literal["package"] = "package"
+    package: str = Field(description="An installed Python package that ships the GGUF file.")
+    file: str = Field(description="The file's path inside the package.")
+
+
+Source = Annotated[HuggingFaceSource | PathSource | PackageSource, Field(discriminator="type")]
+
+
+class SamplerDefaults(_Strict):
+    """Per-model default sampler values; a request's own values override them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    top_a: float | None = Field(None, ge=0, le=1)
+    typical_p: float | None = Field(None, gt=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    max_tokens: int | None = Field(None, ge=1)
+
+
+class ModelSpec(_Strict):
+    """One entry of `models.yaml`."""
+
+    id: str = Field(description="The model's name (the key in models.yaml).")
+    name: str | None = Field(None, description="Human-readable name shown in /v1/models.")
+    description: str | None = None
+    source: Source
+    template: str | None = Field(
+        None, description="Instruct template preset, or 'gguf'/null for the GGUF's own."
+    )
+    context: int = Field(4096, ge=256, description="Context size in tokens (KV cache).")
+    gpu_layers: int | Literal["all"] = Field(
+        0, description="Layers to offload to the GPU: a number, or 'all'."
+    )
+    aliases: tuple[str, ...] = Field((), description="Other names that select this model.")
+    defaults: SamplerDefaults = Field(default_factory=SamplerDefaults)
+
+    @property
+    def n_gpu_layers(self) -> int:
+        return -1 if self.gpu_layers == "all" else self.gpu_layers
+
+
+class ModelsFile(BaseModel):
+    """The whole file: models plus an optional `server:` block of setting defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+    server: dict[str, Any] = Field(default_factory=dict)
+    models: dict[str, ModelSpec]
+
+
+def load_models_file(path: Path) -> ModelsFile:
+    """Read and validate models.yaml; errors name the file, the model and the key."""
+    try:
+        raw = yaml.safe_load(path.read_text("utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with a 'models' key")
+    models = raw.get("models")
+    if not isinstance(models, dict):
+        raise ConfigError(f"{path}: 'models' must be a mapping of model names to entries")
+    for name, entry in models.items():
+        if isinstance(entry, dict):
+            entry.setdefault("id", str(name))
+            src = entry.get("source")
+            if isinstance(src, dict) and "path" in src and "type" not in src:
+                src["type"] = "path"
+            if isinstance(src, dict) and src.get("type") == "path":
+                p = Path(str(src.get("path", "")))
+                src["path"] = p if p.is_absolute() else (path.parent / p)
+    try:
+        parsed = ModelsFile.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = [str(x) for x in first["loc"] if not str(x).startswith("function-")]
+        where = _describe(loc)
+        raise ConfigError(f"{path}: {where}: {first['msg']}") from exc
+    return parsed
+
+
+def _describe(loc: list[str]) -> str:
+    if len(loc) >= 2 and loc[0] == "models":
+        key = ".".join(x for x in loc[2:] if x not in ("huggingface", "path", "package"))
+        return f"model '{loc[1]}', key '{key or '(entry)'}'"
+    return "key '" + ".".join(loc) + "'"

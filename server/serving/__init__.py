@@ -1,0 +1,1 @@
+"""Use cases between the wire protocol and the engine. No HTTP in here."""

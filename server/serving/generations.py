@@ -1,0 +1,63 @@
+"""Stats of completed generations, for OpenRouter's `GET /api/v1/generation?id=`."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+
+@dataclass
+class GenerationRecord:
+    id: str
+    model: str
+    referer: str | None = None
+    title: str | None = None
+    streamed: bool = False
+    started: float = field(default_factory=time.monotonic)
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    tokens_prompt: int = 0
+    tokens_completion: int = 0
+    cached_tokens: int = 0
+    finish_reason: str | None = None
+    generation_time: float = 0.0
+
+    def finish(self, prompt: int, completion: int, cached: int, reason: str) -> None:
+        self.tokens_prompt = prompt
+        self.tokens_completion = completion
+        self.cached_tokens = cached
+        self.finish_reason = reason
+        self.generation_time = time.monotonic() - self.started
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("started")
+        d.update(
+            native_tokens_prompt=self.tokens_prompt,
+            native_tokens_completion=self.tokens_completion,
+            native_tokens_cached=self.cached_tokens,
+            latency=round(self.generation_time * 1000),
+            generation_time=round(self.generation_time * 1000),
+            origin=self.referer,
+            app_title=self.title,
+            total_cost=0,
+        )
+        return d
+
+
+class GenerationLog:
+    """The most recent `capacity` completed generations, by id."""
+
+    def __init__(self, capacity: int = 1000) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, GenerationRecord] = OrderedDict()
+
+    def add(self, record: GenerationRecord) -> None:
+        self._items[record.id] = record
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def get(self, gen_id: str) -> GenerationRecord | None:
+        return self._items.get(gen_id)

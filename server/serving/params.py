@@ -1,0 +1,97 @@
+"""Request fields + per-model defaults -> the engine's SamplingParams."""
+
+from __future__ import annotations
+
+from server.engine.sampling import STAGES
+from server.engine.types import SamplingParams
+from server.errors import BadRequestError
+from server.protocol.common import SamplingFields
+from server.registry.schema import SamplerDefaults
+
+# Parameters accepted on the wire that have no effect here; reported back to the caller.
+IGNORED_KNOWN = ("provider", "user", "route")
+
+
+def ignored_params(request: SamplingFields) -> list[str]:
+    """Unknown fields and known no-ops of this request, for X-Hostler-Ignored-Params."""
+    names = sorted((request.model_extra or {}).keys())
+    for name in IGNORED_KNOWN:
+        if getattr(request, name, None) is not None and name not in names:
+            if name == "route" and request.models:
+                continue
+            names.append(name)
+    return names
+
+
+def to_sampling_params(
+    request: SamplingFields, defaults: SamplerDefaults, n_vocab: int
+) -> SamplingParams:
+    def pick(name: str, fallback: float) -> float:
+        value = getattr(request, name)
+        if value is None:
+            value = getattr(defaults, name, None)
+        return fallback if value is None else value
+
+    bias: dict[int, float] = {}
+    for key, value in (request.logit_bias or {}).items():
+        token = int(key)
+        if not 0 <= token < n_vocab:
+            raise BadRequestError(
+                f"logit_bias: token id {token} is outside the vocabulary (0..{n_vocab - 1})",
+                param="logit_bias",
+            )
+        bias[token] = float("-inf") if value <= -100 else value
+    order = None
+    if request.sampler_order is not None:
+        unknown = [s for s in request.sampler_order if s not in STAGES]
+        if unknown:
+            raise BadRequestError(
+                f"sampler_order: unknown stage(s) {', '.join(unknown)}; known: "
+                + ", ".join(sorted(STAGES)),
+                param="sampler_order",
+            )
+        order = tuple(request.sampler_order)
+    top_logprobs = None
+    if request.logprobs:
+        top_logprobs = request.top_logprobs or 0
+    return SamplingParams(
+        temperature=pick("temperature", 1.0),
+        top_k=int(pick("top_k", 0)),
+        top_p=pick("top_p", 1.0),
+        min_p=pick("min_p", 0.0),
+        top_a=pick("top_a", 0.0),
+        typical_p=pick("typical_p", 1.0),
+        top_n_sigma=pick("top_n_sigma", 0.0),
+        repetition_penalty=pick("repetition_penalty", 1.0),
+        frequency_penalty=pick("frequency_penalty", 0.0),
+        presence_penalty=pick("presence_penalty", 0.0),
+        penalty_last_n=request.repetition_penalty_range
+        if request.repetition_penalty_range is not None
+        else 64,
+        logit_bias=bias,
+        seed=request.seed,
+        dry_multiplier=request.dry_multiplier or 0.0,
+        dry_base=request.dry_base if request.dry_base is not None else 1.75,
+        dry_allowed_length=request.dry_allowed_length
+        if request.dry_allowed_length is not None
+        else 2,
+        dry_penalty_last_n=request.dry_penalty_last_n
+        if request.dry_penalty_last_n is not None
+        else -1,
+        dry_sequence_breakers=tuple(request.dry_sequence_breakers)
+        if request.dry_sequence_breakers is not None
+        else ("\n", ":", '"', "*"),
+        xtc_threshold=request.xtc_threshold if request.xtc_threshold is not None else 0.1,
+        xtc_probability=request.xtc_probability or 0.0,
+        mirostat=request.mirostat_mode or 0,
+        mirostat_tau=request.mirostat_tau if request.mirostat_tau is not None else 5.0,
+        mirostat_eta=request.mirostat_eta if request.mirostat_eta is not None else 0.1,
+        dynatemp_range=request.dynatemp_range or 0.0,
+        dynatemp_exponent=request.dynatemp_exponent
+        if request.dynatemp_exponent is not None
+        else 1.0,
+        min_tokens=request.min_tokens or 0,
+        ignore_eos=bool(request.ignore_eos),
+        top_logprobs=top_logprobs,
+        sampler_order=order,
+    )

@@ -1,0 +1,88 @@
+"""Chat messages -> prompt tokens: template, names, content parts, assistant prefill, BOS."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from server.engine.types import Engine
+from server.errors import BadRequestError
+from server.protocol.chat import ChatMessage, ImagePart, TextPart
+from server.templates import ChatTemplate
+from server.templates.render import TemplateError
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    tokens: list[int]
+    prefill: str  # the assistant text the model continues, "" when none
+
+
+def _content(message: ChatMessage, index: int) -> str:
+    content = message.content
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        if isinstance(part, ImagePart):
+            raise BadRequestError(
+                "this model takes text only; image parts are not supported",
+                param=f"messages[{index}].content",
+            )
+        if isinstance(part, TextPart):
+            parts.append(part.text)
+    return "".join(parts)
+
+
+def to_template_messages(messages: list[ChatMessage], template: ChatTemplate) -> list[dict[str, Any]]:
+    """Plain dicts for the template; `name` becomes a `{name}: ` prefix unless it knows names."""
+    knows_names = "name" in template.source
+    out = []
+    for i, m in enumerate(messages):
+        content = _content(m, i)
+        if m.name and not knows_names and m.role in ("user", "assistant", "system"):
+            content = f"{m.name}: {content}"
+        role = "system" if m.role == "developer" else m.role
+        entry: dict[str, Any] = {"role": role, "content": content}
+        if m.name:
+            entry["name"] = m.name
+        if m.tool_calls:
+            entry["tool_calls"] = [tc.model_dump() for tc in m.tool_calls]
+        if m.tool_call_id:
+            entry["tool_call_id"] = m.tool_call_id
+        out.append(entry)
+    return out
+
+
+def build_prompt(
+    engine: Engine,
+    template: ChatTemplate,
+    messages: list[ChatMessage],
+    tools: list[dict[str, Any]] | None = None,
+) -> Prompt:
+    msgs = to_template_messages(messages, template)
+    prefill = ""
+    if len(msgs) > 1 and msgs[-1]["role"] == "assistant":
+        # Assistant prefill: render the turns before it, open the assistant turn, continue.
+        prefill = msgs[-1]["content"]
+        msgs = msgs[:-1]
+    info = engine.info
+    try:
+        text = template.render(
+            msgs, bos_token=info.bos_token, eos_token=info.eos_token, tools=tools
+        )
+    except TemplateError as exc:
+        raise BadRequestError(str(exc), param="messages") from exc
+    text += prefill
+    return Prompt(text, tokenize_prompt(engine, text), prefill)
+
+
+def tokenize_prompt(engine: Engine, text: str) -> list[int]:
+    """Tokenize with the model's BOS exactly once, whether or not the template wrote it."""
+    info = engine.info
+    if info.add_bos and info.bos_token and text.startswith(info.bos_token):
+        return engine.tokenize(text, add_special=False)
+    return engine.tokenize(text, add_special=True)

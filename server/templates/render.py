@@ -1,0 +1,116 @@
+"""Render chat messages to a prompt string in jinja2's immutable sandbox.
+
+A GGUF file's `tokenizer.chat_template` is untrusted input: it runs in
+`ImmutableSandboxedEnvironment`, which blocks attribute access to internals and
+mutation of the objects passed in.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+# Preset name -> stop strings that end a turn in that format (besides the model's EOS).
+PRESETS: dict[str, tuple[str, ...]] = {
+    "chatml": ("<|im_end|>", "<|im_start|>"),
+    "mistral": ("</s>", "[INST]"),
+    "alpaca": ("### Instruction:", "### Response:"),
+    "llama3": ("<|eot_id|>", "<|start_header_id|>"),
+    "metharme": ("<|user|>", "<|system|>", "<|model|>"),
+    "gemma": ("<end_of_turn>", "<start_of_turn>"),
+    "vicuna": ("USER:", "</s>"),
+}
+
+
+class TemplateError(Exception):
+    """A template could not be compiled or rendered."""
+
+
+def _raise(message: str) -> None:
+    raise TemplateError(message)
+
+
+def _tojson(value: Any, indent: int | None = None, **_: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, indent=indent)
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, undefined=jinja2.Undefined
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+_ENV = _environment()
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A compiled template and the stop strings that belong to its format."""
+
+    name: str
+    source: str
+    stop: tuple[str, ...] = ()
+
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        bos_token: str,
+        eos_token: str,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        try:
+            template = _ENV.from_string(self.source)
+            return template.render(
+                messages=messages,
+                bos_token=bos_token,
+                eos_token=eos_token,
+                add_generation_prompt=add_generation_prompt,
+                tools=tools,
+            )
+        except TemplateError:
+            raise
+        except jinja2.TemplateError as exc:
+            raise TemplateError(f"template '{self.name}' failed: {exc}") from exc
+
+
+def preset_source(name: str) -> str:
+    return (resources.files("server.templates") / "presets" / f"{name}.jinja").read_text("utf-8")
+
+
+def load_template(name: str | None, gguf_template: str | None) -> ChatTemplate:
+    """Resolve a template: a named preset, else the GGUF's own template, else ChatML.
+
+    `name` may be a preset name, `gguf` (the model's own), or None (same as `gguf`).
+    """
+    if name and name != "gguf":
+        if name not in PRESETS:
+            known = ", ".join(sorted(PRESETS))
+            raise TemplateError(f"unknown template '{name}' (known: gguf, {known})")
+        return ChatTemplate(name, preset_source(name), PRESETS[name])
+    if gguf_template:
+        try:
+            _ENV.from_string(gguf_template)
+        except jinja2.TemplateError as exc:
+            raise TemplateError(f"the model's chat template does not compile: {exc}") from exc
+        return ChatTemplate("gguf", gguf_template, _guess_stops(gguf_template))
+    return ChatTemplate("chatml", preset_source("chatml"), PRESETS["chatml"])
+
+
+def _guess_stops(source: str) -> tuple[str, ...]:
+    """Turn-end markers of a known format found in a GGUF template."""
+    for stops in PRESETS.values():
+        if stops[0] in source and stops[0].startswith("<"):
+            return (stops[0],)
+    return ()
