@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from server.api import create_app
+from server.config import load_settings
+from server.errors import ModelLoadError
+from tests.api.fake_engine import FakeEngine
+
+MODELS_YAML = """
+models:
+  fake:
+    source: {type: path, path: fake.gguf}
+    template: chatml
+    context: 256
+    aliases: [org/fake]
+    defaults: {temperature: 0.7}
+  other:
+    source: {type: path, path: other.gguf}
+  broken:
+    source: {type: path, path: broken.gguf}
+"""
+
+
+class Api:
+    """The app in-process, with helpers that run a chat request streamed or not."""
+
+    def __init__(self, client: TestClient, engines: dict[str, FakeEngine]) -> None:
+        self.client = client
+        self.engines = engines
+
+    @property
+    def engine(self) -> FakeEngine:
+        return self.engines["fake"]
+
+    def chat(self, body: dict[str, Any], stream: bool, **kw: Any) -> tuple[httpx.Response, dict[str, Any]]:
+        """POST a chat request; return the response and the assembled result."""
+        body = {"model": "fake", "messages": [{"role": "user", "content": "Hi"}], **body}
+        if not stream:
+            r = self.client.post("/v1/chat/completions", json=body, **kw)
+            return r, r.json()
+        body["stream"] = True
+        with self.client.stream("POST", "/v1/chat/completions", json=body, **kw) as r:
+            raw = r.read().decode()
+        if r.status_code != 200:
+            return r, json.loads(raw)
+        return r, assemble(raw)
+
+
+def assemble(raw: str) -> dict[str, Any]:
+    """Fold SSE chunks into the shape of a non-streamed response."""
+    texts: dict[int, str] = {}
+    finish: dict[int, str | None] = {}
+    usage = None
+    error = None
+    model = None
+    done = False
+    for line in raw.splitlines():
+        if not line.startswith("data: "):
+            continue
+        data = line[6:]
+        if data == "[DONE]":
+            done = True
+            continue
+        chunk = json.loads(data)
+        if "error" in chunk:
+            error = chunk["error"]
+            continue
+        model = chunk["model"]
+        usage = chunk.get("usage") or usage
+        for c in chunk["choices"]:
+            texts[c["index"]] = texts.get(c["index"], "") + (c["delta"].get("content") or "")
+            if c.get("finish_reason"):
+                finish[c["index"]] = c["finish_reason"]
+    out: dict[str, Any] = {
+        "model": model,
+        "done": done,
+        "choices": [
+            {"index": i, "message": {"content": texts[i]}, "finish_reason": finish.get(i)}
+            for i in sorted(texts)
+        ],
+        "usage": usage,
+    }
+    if error:
+        out["error"] = error
+    return out
+
+
+def make_api(tmp_path: Path, **overrides: Any) -> Iterator[Api]:
+    f = tmp_path / "models.yaml"
+    f.write_text(MODELS_YAML)
+    settings, models = load_settings({"models_file": f, "model": "fake", **overrides})
+    engines: dict[str, FakeEngine] = {}
+
+    def loader(model_id: str) -> FakeEngine:
+        if model_id == "broken":
+            raise ModelLoadError("cannot load broken")
+        engines[model_id] = FakeEngine()
+        return engines[model_id]
+
+    app = create_app(settings, models, loader=loader)
+    with TestClient(app) as client:
+        yield Api(client, engines)
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[Api]:
+    yield from make_api(tmp_path, max_models=3)
+
+
+@pytest.fixture(params=[False, True], ids=["json", "stream"])
+def stream(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)

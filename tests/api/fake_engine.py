@@ -1,0 +1,101 @@
+"""A fake engine with the real interface: characters are tokens, the reply is scripted."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from server.engine.detokenizer import TextStream
+from server.engine.types import GenerationRequest, ModelInfo, SeqOutput
+from server.errors import QueueFullError
+
+REPLY = "Hello there, friend. How are you today?"
+
+
+class FakeHandle:
+    def __init__(self, engine: FakeEngine, request: GenerationRequest) -> None:
+        self.engine = engine
+        self.request = request
+        self.cancelled = False
+
+    async def _run(self) -> AsyncIterator[list[SeqOutput]]:
+        req = self.request
+        streams = [TextStream(req.stop) for _ in range(req.n)]
+        reply = self.engine.reply
+        try:
+            for step in range(len(reply) + 1):
+                await asyncio.sleep(self.engine.delay)
+                outs = []
+                for i, s in enumerate(streams):
+                    if s.stopped:
+                        continue
+                    base = dict(index=i, prompt_tokens=len(req.prompt_tokens), completion_tokens=step + 1)
+                    if self.engine.fail_at is not None and step == self.engine.fail_at:
+                        outs.append(SeqOutput(finish_reason="error", error="boom", **base))
+                        s.stopped = True
+                        continue
+                    if step == len(reply):
+                        outs.append(SeqOutput(text=s.flush(), finish_reason="stop", **base))
+                        s.stopped = True
+                        continue
+                    text = s.push(reply[step].encode())
+                    reason = "stop" if s.stopped else ("length" if step + 1 >= req.max_tokens else None)
+                    if reason == "length":
+                        text += s.flush()
+                        s.stopped = True
+                    outs.append(SeqOutput(text=text, token_ids=[ord(reply[step])], finish_reason=reason, **base))
+                if outs:
+                    yield outs
+                if all(s.stopped for s in streams):
+                    return
+        finally:
+            self.engine.active -= 1
+
+    def __aiter__(self) -> AsyncIterator[list[SeqOutput]]:
+        return self._run()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeEngine:
+    def __init__(self, n_ctx: int = 256, max_queue: int = 100) -> None:
+        self.info = ModelInfo(
+            n_ctx=n_ctx, n_ctx_train=n_ctx, n_vocab=1000, bos_token="<s>", eos_token="</s>",
+            add_bos=True, chat_template=None, description="fake", size_bytes=0, n_params=0,
+            gpu_offload=False, slots=4,
+        )  # fmt: skip
+        self.requests: list[GenerationRequest] = []
+        self.reply = REPLY
+        self.delay = 0.0
+        self.fail_at: int | None = None
+        self.max_queue = max_queue
+        self.active = 0
+        self.closed = False
+
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        if text in ("<|im_end|>", "<|im_start|>"):
+            return [1]
+        toks = [ord(c) % 1000 for c in text]
+        return ([0] if add_special else []) + toks
+
+    def token_text(self, token_id: int) -> str:
+        return "<|im_end|>" if token_id == 1 else chr(token_id)
+
+    def submit(self, request: GenerationRequest) -> FakeHandle:
+        if self.active >= self.max_queue:
+            raise QueueFullError("queue full", headers={"Retry-After": "1"})
+        self.requests.append(request)
+        self.active += 1
+        return FakeHandle(self, request)
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok"}
+
+    @property
+    def busy(self) -> bool:
+        return self.active > 0
+
+    def close(self) -> None:
+        self.closed = True

@@ -1,0 +1,84 @@
+"""A fake Hugging Face hub on 127.0.0.1: serves real bytes the way huggingface_hub asks for them."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@dataclass
+class FakeHub:
+    files: dict[str, bytes] = field(default_factory=dict)  # "org/repo/file" -> bytes
+    cut_after: int | None = None  # send only this many bytes of a GET body, then drop
+    url: str = ""
+
+
+def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _lookup(self) -> bytes | None:
+            # /{org}/{repo}/resolve/{revision}/{file}
+            parts = self.path.split("?")[0].strip("/").split("/")
+            if len(parts) < 5 or parts[2] != "resolve":
+                return None
+            return hub.files.get("/".join([parts[0], parts[1], *parts[4:]]))
+
+        def _headers(self, data: bytes) -> None:
+            etag = hashlib.sha256(data).hexdigest()
+            self.send_header("ETag", f'"{etag}"')
+            self.send_header("X-Linked-Etag", f'"{etag}"')
+            self.send_header("X-Linked-Size", str(len(data)))
+            self.send_header("X-Repo-Commit", COMMIT)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Accept-Ranges", "bytes")
+
+        def do_HEAD(self) -> None:
+            data = self._lookup()
+            if data is None:
+                self.send_response(404)
+                self.send_header("X-Error-Code", "EntryNotFound")
+                self.send_header("X-Error-Message", "Entry not found")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self._headers(data)
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            data = self._lookup()
+            if data is None:
+                self.do_HEAD()
+                return
+            self.send_response(200)
+            self._headers(data)
+            self.end_headers()
+            if hub.cut_after is not None:
+                self.wfile.write(data[: hub.cut_after])
+                self.wfile.flush()
+                self.connection.shutdown(2)
+                return
+            self.wfile.write(data)
+
+    return Handler
+
+
+@contextmanager
+def serve(hub: FakeHub) -> Iterator[FakeHub]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub))
+    hub.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield hub
+    finally:
+        server.shutdown()
+        server.server_close()

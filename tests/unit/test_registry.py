@@ -1,0 +1,132 @@
+"""models.yaml validation, and downloads from a fake hub on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.errors import ConfigError, DownloadError
+from server.registry import Registry, download, local_file
+from server.registry.schema import load_models_file
+from tests.fakehub import FakeHub, serve
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+GGUF_BYTES = b"GGUF" + bytes(range(256)) * 64
+
+
+def test_shipped_models_yaml_is_valid() -> None:
+    reg = Registry.from_path(REPO_ROOT / "models.yaml")
+    rocinante = reg.get("thedrummer/rocinante-12b")
+    assert rocinante.id == "rocinante-12b"
+    assert rocinante.context == 16384 and rocinante.gpu_layers == "all"
+    assert rocinante.template == "chatml"
+    assert reg.get("smollm2-135m").source.type == "package"
+
+
+def test_bad_file_names_file_model_and_key(tmp_path: Path) -> None:
+    f = tmp_path / "models.yaml"
+    f.write_text("models:\n  tiny:\n    source: {type: path, path: x.gguf}\n    context: -5\n")
+    with pytest.raises(ConfigError) as err:
+        load_models_file(f)
+    msg = str(err.value)
+    assert str(f) in msg and "'tiny'" in msg and "context" in msg
+
+
+def test_unknown_key_is_rejected(tmp_path: Path) -> None:
+    f = tmp_path / "models.yaml"
+    f.write_text("models:\n  tiny:\n    source: {type: path, path: x.gguf}\n    contxt: 5\n")
+    with pytest.raises(ConfigError, match="contxt"):
+        load_models_file(f)
+
+
+def test_unknown_model_is_404() -> None:
+    reg = Registry.from_path(REPO_ROOT / "models.yaml")
+    with pytest.raises(Exception) as err:
+        reg.get("nope")
+    assert getattr(err.value, "status", None) == 404
+
+
+def _registry(tmp_path: Path, sha: str | None = None, file: str = "m.gguf") -> Registry:
+    f = tmp_path / "models.yaml"
+    sha_line = f"\n      sha256: \"{sha}\"" if sha else ""
+    f.write_text(
+        "models:\n  m:\n    source:\n      type: huggingface\n      repo: org/repo\n"
+        f"      file: {file}{sha_line}\n"
+    )
+    return Registry.from_path(f)
+
+
+@pytest.fixture
+def hf_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeHub:
+    hub = FakeHub(files={"org/repo/m.gguf": GGUF_BYTES})
+    with serve(hub):
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+        monkeypatch.setenv("HOSTLER_CACHE", str(tmp_path / "hostler"))
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        # huggingface_hub reads these at import: reload its constants for this test.
+        import importlib
+
+        import huggingface_hub.constants as c
+
+        importlib.reload(c)
+        yield hub
+        importlib.reload(c)
+
+
+def test_download_succeeds_and_verifies(tmp_path: Path, hf_env: FakeHub) -> None:
+    sha = hashlib.sha256(GGUF_BYTES).hexdigest()
+    reg = _registry(tmp_path, sha)
+    spec = reg.get("m")
+    assert local_file(spec) is None
+    path = download(spec, progress=False)
+    assert path.read_bytes() == GGUF_BYTES
+    assert local_file(spec) == path
+
+
+def test_download_404(tmp_path: Path, hf_env: FakeHub) -> None:
+    spec = _registry(tmp_path, file="missing.gguf").get("m")
+    with pytest.raises(DownloadError, match="404"):
+        download(spec, progress=False)
+
+
+def test_sha256_mismatch_rejects_file(tmp_path: Path, hf_env: FakeHub) -> None:
+    spec = _registry(tmp_path, "0" * 64).get("m")
+    with pytest.raises(DownloadError, match="sha256 mismatch"):
+        download(spec, progress=False)
+    assert local_file(spec) is None
+    blobs = list((tmp_path / "hf" / "hub").rglob("blobs/*"))
+    assert blobs == []
+
+
+def test_cut_transfer_leaves_no_file(tmp_path: Path, hf_env: FakeHub) -> None:
+    hf_env.cut_after = len(GGUF_BYTES) // 2
+    spec = _registry(tmp_path).get("m")
+    with pytest.raises(DownloadError, match="failed"):
+        download(spec, progress=False)
+    assert local_file(spec) is None
+    assert [p for p in (tmp_path / "hf" / "hub").rglob("blobs/*")] == []
+
+
+def test_pull_cli_against_fake_hub(tmp_path: Path, hf_env: FakeHub) -> None:
+    reg_file = tmp_path / "models.yaml"
+    _registry(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "server", "pull", "m", "--models-file", str(reg_file), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    listing = subprocess.run(
+        [sys.executable, "-m", "server", "models", "--models-file", str(reg_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "present" in listing.stdout
