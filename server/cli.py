@@ -19,7 +19,9 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         help_text = f"{field.description} (env HOSTLER_{name.upper()})"
         if field.annotation is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            p.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         elif name == "cors_origins":
             p.add_argument(flag, nargs="*", default=None, help=help_text)
         else:

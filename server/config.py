@@ -26,7 +26,8 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
     api_key: str | None = Field(
-        None, description="If set, requests need 'Authorization: Bearer <key>' (/health stays open)."
+        None,
+        description="If set, requests need 'Authorization: Bearer <key>' (/health stays open).",
     )
     slots: int | None = Field(
         None, ge=1, le=64, description="Parallel sequences per model (default 4 on CPU, 8 on GPU)."
@@ -63,7 +64,9 @@ def load_settings(
 ) -> tuple[Settings, ModelsFile]:
     """Build Settings from the three layers; also return the parsed models file."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    path = Path(overrides.get("models_file") or os.environ.get("HOSTLER_MODELS_FILE", "models.yaml"))
+    path = Path(
+        overrides.get("models_file") or os.environ.get("HOSTLER_MODELS_FILE", "models.yaml")
+    )
     models = load_models_file(path)
     block = dict(models.server)
     block["models_file"] = path

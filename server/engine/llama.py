@@ -213,15 +213,18 @@ class Batch:
         self.logits = np.zeros(capacity, dtype=np.int8)
         i32p = ctypes.POINTER(ctypes.c_int32)
         base = self.seq.ctypes.data
-        self._seq_ptrs = (i32p * capacity)(*(ctypes.cast(base + 4 * i, i32p) for i in range(capacity)))
-        s = lc.llama_batch()
-        s.n_tokens = 0
-        s.token = self.token.ctypes.data_as(i32p)
-        s.embd = None
-        s.pos = self.pos.ctypes.data_as(i32p)
-        s.n_seq_id = self.n_seq_id.ctypes.data_as(i32p)
-        s.seq_id = ctypes.cast(self._seq_ptrs, ctypes.POINTER(i32p))
-        s.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self._seq_ptrs = (i32p * capacity)(
+            *(ctypes.cast(base + 4 * i, i32p) for i in range(capacity))
+        )
+        s = lc.llama_batch(
+            n_tokens=0,
+            token=self.token.ctypes.data_as(i32p),
+            embd=None,
+            pos=self.pos.ctypes.data_as(i32p),
+            n_seq_id=self.n_seq_id.ctypes.data_as(i32p),
+            seq_id=ctypes.cast(self._seq_ptrs, ctypes.POINTER(i32p)),
+            logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
+        )
         self.struct = s
 
     def clear(self) -> None:

@@ -67,13 +67,12 @@ class SeqSampler:
         add: Callable[[object], None] = lambda s: lc.llama_sampler_chain_add(chain, s)  # noqa: E731
         bias = dict(p.logit_bias)
         if p.ignore_eos:
-            for tok in np.flatnonzero(m._eog):
-                bias[int(tok)] = -math.inf
+            for eog in np.flatnonzero(m._eog):
+                bias[int(eog)] = -math.inf
         if bias:
             arr = (lc.llama_logit_bias * len(bias))()
             for i, (tok, val) in enumerate(bias.items()):
-                arr[i].token = tok
-                arr[i].bias = val
+                arr[i] = lc.llama_logit_bias(token=tok, bias=val)
             self._keep.append(arr)
             add(lc.llama_sampler_init_logit_bias(m.n_vocab, len(bias), arr))
         if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:

@@ -9,6 +9,7 @@ to the asyncio loop in one call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -226,7 +227,9 @@ class LlamaEngine:
             self._fatal = type(exc).__name__
             self._fail_all(str(exc))
 
-    def _finish_cancelled(self, cancelled: set[int], stopping: bool) -> list[tuple[_Seq, SeqOutput]]:
+    def _finish_cancelled(
+        self, cancelled: set[int], stopping: bool
+    ) -> list[tuple[_Seq, SeqOutput]]:
         out: list[tuple[_Seq, SeqOutput]] = []
         if not cancelled and not stopping:
             return out
@@ -355,9 +358,7 @@ class LlamaEngine:
             text = seq.stream.push(self.model.piece(token))
             if seq.stream.stopped:
                 finish = "stop"
-            elif len(seq.generated) >= req.max_tokens:
-                finish = "length"
-            elif seq.n_past + 1 >= self.model.n_ctx:
+            elif len(seq.generated) >= req.max_tokens or seq.n_past + 1 >= self.model.n_ctx:
                 finish = "length"
         logprobs: list[TokenLogprob] | None = [logprob] if logprob is not None else None
         if finish is not None:
@@ -414,9 +415,7 @@ class LlamaEngine:
                 return out
             victim = self._active[-1]
             self._reset_slot(victim)
-            out.append(
-                (victim, self._finish(victim, "error", "the context (KV cache) is full"))
-            )
+            out.append((victim, self._finish(victim, "error", "the context (KV cache) is full")))
             return out
         # Any other failure: the batch's sequences cannot continue.
         for seq in list(self._active):
@@ -440,10 +439,9 @@ class LlamaEngine:
         for handle, outputs in by_handle.items():
             by_loop.setdefault(handle._loop, []).append((handle, outputs))
         for loop, items in by_loop.items():
-            try:
+            # A closed loop means nobody is listening any more.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_dispatch, items)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
 
     def _fail_all(self, message: str) -> None:
         with self._cond:
@@ -451,8 +449,7 @@ class LlamaEngine:
                 self._waiting.extend(seqs)
             self._incoming.clear()
         out = [
-            (seq, self._finish(seq, "error", message))
-            for seq in [*self._active, *self._waiting]
+            (seq, self._finish(seq, "error", message)) for seq in [*self._active, *self._waiting]
         ]
         self._deliver(out)
 

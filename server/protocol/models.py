@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -38,7 +38,7 @@ class ModelCard(BaseModel):
     pricing: Pricing = Field(default_factory=Pricing)
     top_provider: TopProvider
     supported_parameters: list[str] = Field(default_factory=list)
-    hostler: dict[str, object] = Field(default_factory=dict)
+    hostler: dict[str, Any] = Field(default_factory=dict)
 
 
 class ModelList(BaseModel):

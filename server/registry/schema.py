@@ -17,7 +17,9 @@ class _Strict(BaseModel):
 
 class HuggingFaceSource(_Strict):
     type: Literal["huggingface"] = "huggingface"
-    repo: str = Field(description="Hugging Face repository id, e.g. 'TheDrummer/Rocinante-12B-v1.1-GGUF'.")
+    repo: str = Field(
+        description="Hugging Face repository id, e.g. 'TheDrummer/Rocinante-12B-v1.1-GGUF'."
+    )
     file: str = Field(description="GGUF file name inside the repository.")
     revision: str = Field("main", description="Branch, tag or commit to download.")
     sha256: str | None = Field(

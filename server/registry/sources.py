@@ -78,10 +78,7 @@ def _reject(spec: ModelSpec, path: Path) -> None:
         return
     blob = Path(os.path.realpath(path))
     for p in (path, blob):
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
+        p.unlink(missing_ok=True)
 
 
 def download(spec: ModelSpec, *, progress: bool = True) -> Path:
@@ -94,14 +91,18 @@ def download(spec: ModelSpec, *, progress: bool = True) -> Path:
             raise DownloadError(f"{spec.id}: the file is not present ({where})")
         verify(spec, path)
         return path
-    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub import (
+        constants,
+        disable_progress_bars,
+        enable_progress_bars,
+        hf_hub_download,
+    )
     from huggingface_hub.errors import (
         EntryNotFoundError,
         HfHubHTTPError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
     started = time.time()
     (disable_progress_bars if not progress else enable_progress_bars)()

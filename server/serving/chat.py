@@ -147,7 +147,9 @@ class ChatJob:
                 usage=usage,
             ).model_dump(exclude_none=True)
 
-        yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(self.n)])
+        yield chunk(
+            [ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(self.n)]
+        )
         async for outputs in self.handle:
             choices = []
             for o in outputs:
@@ -183,9 +185,7 @@ class ChatService:
         self.models = models
         self.log = log
 
-    async def start(
-        self, request: ChatCompletionRequest, caller: dict[str, str | None]
-    ) -> ChatJob:
+    async def start(self, request: ChatCompletionRequest, caller: dict[str, str | None]) -> ChatJob:
         """Check everything that can fail up front, then queue the request in the engine."""
         served, name = await self._pick_model(request)
         template = served.template
@@ -228,7 +228,9 @@ class ChatService:
             referer=caller.get("referer"),
             title=caller.get("title"),
         )
-        return ChatJob(job_id, name, served, handle, request.n, ignored_params(request), record, self.log)
+        return ChatJob(
+            job_id, name, served, handle, request.n, ignored_params(request), record, self.log
+        )
 
     async def _pick_model(self, request: ChatCompletionRequest) -> tuple[ServedModel, str]:
         names = [request.model] if request.model else []

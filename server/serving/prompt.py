@@ -37,7 +37,9 @@ def _content(message: ChatMessage, index: int) -> str:
     return "".join(parts)
 
 
-def to_template_messages(messages: list[ChatMessage], template: ChatTemplate) -> list[dict[str, Any]]:
+def to_template_messages(
+    messages: list[ChatMessage], template: ChatTemplate
+) -> list[dict[str, Any]]:
     """Plain dicts for the template; `name` becomes a `{name}: ` prefix unless it knows names."""
     knows_names = "name" in template.source
     out = []

@@ -40,7 +40,9 @@ class Api:
     def engine(self) -> FakeEngine:
         return self.engines["fake"]
 
-    def chat(self, body: dict[str, Any], stream: bool, **kw: Any) -> tuple[httpx.Response, dict[str, Any]]:
+    def chat(
+        self, body: dict[str, Any], stream: bool, **kw: Any
+    ) -> tuple[httpx.Response, dict[str, Any]]:
         """POST a chat request; return the response and the assembled result."""
         body = {"model": "fake", "messages": [{"role": "user", "content": "Hi"}], **body}
         if not stream:

@@ -30,7 +30,9 @@ class FakeHandle:
                 for i, s in enumerate(streams):
                     if s.stopped:
                         continue
-                    base = dict(index=i, prompt_tokens=len(req.prompt_tokens), completion_tokens=step + 1)
+                    base = dict(
+                        index=i, prompt_tokens=len(req.prompt_tokens), completion_tokens=step + 1
+                    )
                     if self.engine.fail_at is not None and step == self.engine.fail_at:
                         outs.append(SeqOutput(finish_reason="error", error="boom", **base))
                         s.stopped = True
@@ -40,11 +42,17 @@ class FakeHandle:
                         s.stopped = True
                         continue
                     text = s.push(reply[step].encode())
-                    reason = "stop" if s.stopped else ("length" if step + 1 >= req.max_tokens else None)
+                    reason = (
+                        "stop" if s.stopped else ("length" if step + 1 >= req.max_tokens else None)
+                    )
                     if reason == "length":
                         text += s.flush()
                         s.stopped = True
-                    outs.append(SeqOutput(text=text, token_ids=[ord(reply[step])], finish_reason=reason, **base))
+                    outs.append(
+                        SeqOutput(
+                            text=text, token_ids=[ord(reply[step])], finish_reason=reason, **base
+                        )
+                    )
                 if outs:
                     yield outs
                 if all(s.stopped for s in streams):

@@ -16,7 +16,10 @@ def test_chat_returns_text_and_usage(api: Api, stream: bool) -> None:
     assert body["choices"][0]["message"]["content"] == REPLY
     assert body["choices"][0]["finish_reason"] == "stop"
     u = body["usage"]
-    assert u["completion_tokens"] > 0 and u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    assert (
+        u["completion_tokens"] > 0
+        and u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    )
     assert "cached_tokens" in u["prompt_tokens_details"]
     if stream:
         assert body["done"]
@@ -152,7 +155,9 @@ def test_ignored_params_header(api: Api, stream: bool) -> None:
 
 
 def test_fallback_models(api: Api, stream: bool) -> None:
-    r, body = api.chat({"model": "nope", "models": ["broken", "org/fake"], "route": "fallback"}, stream)
+    r, body = api.chat(
+        {"model": "nope", "models": ["broken", "org/fake"], "route": "fallback"}, stream
+    )
     assert r.status_code == 200 and body["model"] == "org/fake"
 
 

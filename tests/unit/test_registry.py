@@ -52,7 +52,7 @@ def test_unknown_model_is_404() -> None:
 
 def _registry(tmp_path: Path, sha: str | None = None, file: str = "m.gguf") -> Registry:
     f = tmp_path / "models.yaml"
-    sha_line = f"\n      sha256: \"{sha}\"" if sha else ""
+    sha_line = f'\n      sha256: "{sha}"' if sha else ""
     f.write_text(
         "models:\n  m:\n    source:\n      type: huggingface\n      repo: org/repo\n"
         f"      file: {file}{sha_line}\n"

@@ -40,14 +40,20 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, chat: ChatDep, settings: SettingsDep
 ) -> Response:
-    caller = {"referer": request.headers.get("http-referer"), "title": request.headers.get("x-title")}
+    caller = {
+        "referer": request.headers.get("http-referer"),
+        "title": request.headers.get("x-title"),
+    }
     job = await chat.start(body, caller)
     headers: dict[str, Any] = {}
     if job.ignored:
         headers["X-Hostler-Ignored-Params"] = ",".join(job.ignored)
     if body.stream:
         return sse_response(
-            job.chunks(), keepalive=settings.keepalive, grace=settings.shutdown_grace, headers=headers
+            job.chunks(),
+            keepalive=settings.keepalive,
+            grace=settings.shutdown_grace,
+            headers=headers,
         )
     result = await until_disconnected(request, job.complete())
     if result is None:
