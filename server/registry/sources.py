@@ -91,17 +91,16 @@ def download(spec: ModelSpec, *, progress: bool = True) -> Path:
             raise DownloadError(f"{spec.id}: the file is not present ({where})")
         verify(spec, path)
         return path
-    from huggingface_hub import (
-        constants,
-        disable_progress_bars,
-        enable_progress_bars,
-        hf_hub_download,
-    )
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
         HfHubHTTPError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
+    )
+    from huggingface_hub.utils import (  # type: ignore[attr-defined]
+        disable_progress_bars,
+        enable_progress_bars,
     )
 
     started = time.time()
