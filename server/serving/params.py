@@ -10,6 +10,8 @@ from server.registry.schema import SamplerDefaults
 
 # Parameters accepted on the wire that have no effect here; reported back to the caller.
 IGNORED_KNOWN = ("provider", "user", "route")
+# Accepted on the wire, not applied yet: reported so callers are never misled.
+NOT_YET_APPLIED = ("response_format", "tools", "tool_choice", "transforms")
 
 
 def ignored_params(request: SamplingFields) -> list[str]:
@@ -20,6 +22,12 @@ def ignored_params(request: SamplingFields) -> list[str]:
             if name == "route" and request.models:
                 continue
             names.append(name)
+    for name in NOT_YET_APPLIED:
+        value = getattr(request, name, None)
+        if value is not None and not (name == "response_format" and value.type == "text"):
+            names.append(name)
+    if request.mirostat_mode == 1:
+        names.append("mirostat_mode")
     return names
 
 

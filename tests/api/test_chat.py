@@ -202,3 +202,8 @@ def test_api_key(tmp_path: Path, stream: bool) -> None:
         assert r.status_code == 200
         assert api.client.get("/health").status_code == 200
         assert api.client.get("/v1/models").status_code == 401
+
+
+def test_not_yet_applied_params_are_reported(api: Api, stream: bool) -> None:
+    r, _ = api.chat({"response_format": {"type": "json_object"}, "transforms": []}, stream)
+    assert r.headers["x-hostler-ignored-params"] == "response_format,transforms"
