@@ -33,7 +33,7 @@ from server.engine.types import (
     SeqOutput,
     TokenLogprob,
 )
-from server.errors import EngineError, QueueFullError, ServiceUnavailableError
+from server.errors import QueueFullError, ServiceUnavailableError
 
 log = logging.getLogger("hostler.engine")
 
@@ -457,6 +457,3 @@ class LlamaEngine:
 def _dispatch(items: list[tuple[_Handle, list[SeqOutput]]]) -> None:
     for handle, outputs in items:
         handle._put(outputs)
-
-
-__all__ = ["EngineError", "LlamaEngine"]

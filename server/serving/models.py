@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def default_slots(spec: ModelSpec, gpu: bool) -> int:
     return 8 if gpu and spec.n_gpu_layers != 0 else 4
 
 
-def make_loader(registry: Registry, settings: Settings) -> callable:  # type: ignore[valid-type]
+def make_loader(registry: Registry, settings: Settings) -> Callable[[str], Engine]:
     """The production loader: find the file, verify it, start a LlamaEngine on it."""
 
     def load(model_id: str) -> Engine:
@@ -87,7 +88,7 @@ class ModelService:
         try:
             engine = await self.pool.get(spec.id)
         except HostlerError:
-            raise
+            raise  # already a client-facing error (e.g. not downloaded)
         except Exception as exc:
             raise ModelLoadError(f"model '{spec.id}' could not be loaded: {exc}") from exc
         return ServedModel(spec, engine, self.template(spec, engine, spec.template))
