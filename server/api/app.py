@@ -12,13 +12,15 @@ from fastapi.middleware.cors import CORSMiddleware
 from server import __version__
 from server.api import errors
 from server.api.deps import require_key
-from server.api.routes import chat, health, models, openrouter
+from server.api.routes import chat, completions, health, models, openrouter
 from server.config import Settings
 from server.engine.pool import ModelPool
 from server.engine.types import Engine
 from server.registry import ModelsFile, Registry
 from server.serving.chat import ChatService
+from server.serving.completions import CompletionService
 from server.serving.generations import GenerationLog
+from server.serving.job import JobFactory
 from server.serving.models import ModelService, make_loader
 
 log = logging.getLogger("hostler")
@@ -40,7 +42,9 @@ def create_app(
         app.state.settings = settings
         app.state.models = model_service
         app.state.generations = generations
-        app.state.chat = ChatService(model_service, generations)
+        jobs = JobFactory(model_service, generations)
+        app.state.chat = ChatService(jobs)
+        app.state.completions = CompletionService(jobs)
         try:
             if settings.model:
                 spec = registry.get(settings.model)
@@ -61,6 +65,7 @@ def create_app(
     )
     api = APIRouter(dependencies=[Depends(require_key)])
     api.include_router(chat.router)
+    api.include_router(completions.router)
     api.include_router(models.router)
     api.include_router(openrouter.router)
     # OpenAI clients use /v1; OpenRouter clients use /api/v1.

@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from server.config import Settings
 from server.errors import AuthenticationError
 from server.serving.chat import ChatService
+from server.serving.completions import CompletionService
 from server.serving.generations import GenerationLog
 from server.serving.models import ModelService
 
@@ -21,6 +22,11 @@ def _settings(request: Request) -> Settings:
 
 def _chat(request: Request) -> ChatService:
     service: ChatService = request.app.state.chat
+    return service
+
+
+def _completions(request: Request) -> CompletionService:
+    service: CompletionService = request.app.state.completions
     return service
 
 
@@ -36,6 +42,7 @@ def _generations(request: Request) -> GenerationLog:
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
 ChatDep = Annotated[ChatService, Depends(_chat)]
+CompletionsDep = Annotated[CompletionService, Depends(_completions)]
 ModelsDep = Annotated[ModelService, Depends(_models)]
 GenerationsDep = Annotated[GenerationLog, Depends(_generations)]
 

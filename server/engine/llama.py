@@ -94,6 +94,7 @@ class LlamaModel:
         self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
         self.n_ctx = int(lc.llama_n_ctx(ctx))
         self._pieces: dict[int, bytes] = {}
+        self._special_pieces: dict[int, bytes] = {}
         self._eog = np.zeros(self.n_vocab, dtype=bool)
         for tok in range(self.n_vocab):
             self._eog[tok] = bool(lc.llama_vocab_is_eog(self.vocab, tok))
@@ -146,12 +147,14 @@ class LlamaModel:
             )
         return list(buf[:n])
 
-    def piece(self, token: int) -> bytes:
-        """The bytes a generated token adds to the output (control tokens add nothing)."""
-        cached = self._pieces.get(token)
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """The bytes a generated token adds to the output (control tokens add nothing
+        unless `special`)."""
+        cache = self._special_pieces if special else self._pieces
+        cached = cache.get(token)
         if cached is None:
-            cached = self._to_piece(token, special=False)
-            self._pieces[token] = cached
+            cached = self._to_piece(token, special=special)
+            cache[token] = cached
         return cached
 
     def special_text(self, token: int) -> str:

@@ -30,6 +30,8 @@ DEFAULT_ORDER: tuple[str, ...] = (
     "xtc",
     "temperature",
 )
+# Mirostat v1's sample size for estimating s_hat (the paper's and llama.cpp's value).
+MIROSTAT_M = 100
 STAGES = frozenset(DEFAULT_ORDER) | {"top_a", "dry", "penalties"}
 
 
@@ -109,9 +111,17 @@ class SeqSampler:
         if p.greedy:
             add(lc.llama_sampler_init_greedy())
             return chain
-        if p.mirostat == 2:
+        if p.mirostat:
+            # Mirostat replaces the truncation stages: it picks its own top-k each step.
             add(lc.llama_sampler_init_temp(p.temperature))
-            add(lc.llama_sampler_init_mirostat_v2(self.seed, p.mirostat_tau, p.mirostat_eta))
+            if p.mirostat == 1:
+                add(
+                    lc.llama_sampler_init_mirostat(
+                        m.n_vocab, self.seed, p.mirostat_tau, p.mirostat_eta, MIROSTAT_M
+                    )
+                )
+            else:
+                add(lc.llama_sampler_init_mirostat_v2(self.seed, p.mirostat_tau, p.mirostat_eta))
             return chain
         for stage in p.sampler_order or DEFAULT_ORDER:
             self._add_stage(add, stage)

@@ -355,7 +355,7 @@ class LlamaEngine:
         if eog and not req.params.ignore_eos:
             finish = "stop"
         else:
-            text = seq.stream.push(self.model.piece(token))
+            text = seq.stream.push(self.model.piece(token, req.render_special))
             if seq.stream.stopped:
                 finish = "stop"
             elif len(seq.generated) >= req.max_tokens or seq.n_past + 1 >= self.model.n_ctx:

@@ -60,6 +60,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     stop_token_ids: frozenset[int] = frozenset()
     n: int = 1
+    render_special: bool = False
+    """Write control tokens (e.g. Mistral's `[TOOL_CALLS]`) into the text, for tool parsing."""
 
 
 @dataclass(frozen=True)

@@ -39,9 +39,18 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str
+    json_schema: JsonSchemaFormat | None = None
 
     @field_validator("type")
     @classmethod
@@ -49,6 +58,12 @@ class ResponseFormat(BaseModel):
         if v not in ("text", "json_object", "json_schema"):
             raise ValueError("must be 'text', 'json_object' or 'json_schema'")
         return v
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a 'json_schema' object with a 'schema'")
+        return self
 
 
 class SamplingFields(BaseModel):
@@ -128,6 +143,13 @@ class SamplingFields(BaseModel):
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def wanted_logprobs(self) -> int | None:
+        """None: no logprobs; k: the sampled token's logprob and k alternatives."""
+        if not self.logprobs:
+            return None
+        return self.top_logprobs or 0
 
     @property
     def requested_max_tokens(self) -> int | None:

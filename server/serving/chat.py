@@ -1,49 +1,37 @@
-"""The chat completion use case: request -> prompt -> engine -> response or chunk stream."""
+"""The chat completion use case: messages -> prompt -> engine -> response or chunk stream."""
 
 from __future__ import annotations
 
-import secrets
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from server import __version__
-from server.engine.types import GenerationHandle, GenerationRequest, SeqOutput
-from server.errors import (
-    BadRequestError,
-    ContextLengthError,
-    EngineError,
-    HostlerError,
-    ModelLoadError,
-    NotFoundError,
-)
+from server.engine.types import TokenLogprob as EngineLogprob
+from server.errors import BadRequestError, EngineError
 from server.protocol.chat import (
     ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatMessage,
     ChunkChoice,
     Delta,
     ResponseMessage,
+    ToolCall,
+    ToolCallDelta,
 )
-from server.protocol.common import (
-    ChoiceLogprobs,
-    PromptTokensDetails,
-    TokenLogprob,
-    TopLogprob,
-    Usage,
-)
-from server.serving.generations import GenerationLog, GenerationRecord
-from server.serving.models import ModelService, ServedModel
-from server.serving.params import ignored_params, to_sampling_params
-from server.serving.prompt import build_prompt
-
-FINGERPRINT = f"hostler-{__version__}"
+from server.protocol.common import ChoiceLogprobs, TokenLogprob, TopLogprob, Usage
+from server.serving.job import FINGERPRINT, Job, JobFactory, Submission
+from server.serving.models import ServedModel
+from server.serving.prompt import Prompt, build_prompt
+from server.serving.structured import response_grammar
+from server.serving.tools import ToolCallStream, ToolPlan, plan_tools
+from server.serving.transforms import middle_out, middle_out_enabled
+from server.templates import ChatTemplate
 
 
-def _logprobs(outputs: SeqOutput) -> ChoiceLogprobs | None:
-    if outputs.logprobs is None:
+def chat_logprobs(items: list[EngineLogprob] | None) -> ChoiceLogprobs | None:
+    if items is None:
         return None
     return ChoiceLogprobs(
         content=[
@@ -53,218 +41,162 @@ def _logprobs(outputs: SeqOutput) -> ChoiceLogprobs | None:
                 bytes=lp.bytes,
                 top_logprobs=[TopLogprob(token=t, logprob=v, bytes=b) for t, v, b in lp.top],
             )
-            for lp in outputs.logprobs
+            for lp in items
         ]
     )
 
 
 @dataclass
-class _Totals:
-    prompt: int = 0
-    cached: int = 0
-    completion: dict[int, int] = field(default_factory=dict)
-
-    def add(self, o: SeqOutput) -> None:
-        self.prompt = max(self.prompt, o.prompt_tokens)
-        self.cached = max(self.cached, o.cached_tokens)
-        self.completion[o.index] = o.completion_tokens
-
-    def usage(self) -> Usage:
-        completion = sum(self.completion.values())
-        return Usage(
-            prompt_tokens=self.prompt,
-            completion_tokens=completion,
-            total_tokens=self.prompt + completion,
-            prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached),
-        )
-
-
-@dataclass
 class ChatJob:
-    """A request that passed every check and is queued in the engine."""
+    job: Job
+    tools: ToolPlan | None
 
-    id: str
-    model_name: str
-    served: ServedModel
-    handle: GenerationHandle
-    n: int
-    ignored: list[str]
-    record: GenerationRecord
-    log: GenerationLog
-    created: int = field(default_factory=lambda: int(time.time()))
+    @property
+    def ignored(self) -> list[str]:
+        return self.job.ignored
+
+    def _tool_stream(self) -> ToolCallStream | None:
+        if self.tools is None or not self.tools.parse:
+            return None
+        return ToolCallStream(self.tools.fmt, self.tools.prefill)
 
     async def complete(self) -> ChatCompletion:
-        texts = [""] * self.n
-        finish: list[str | None] = [None] * self.n
-        logprobs: list[list[Any] | None] = [None] * self.n
-        totals = _Totals()
-        async for outputs in self.handle:
-            for o in outputs:
-                totals.add(o)
-                if o.error:
-                    self._close(totals, "error")
-                    raise EngineError(o.error)
-                texts[o.index] += o.text
-                if o.logprobs is not None:
-                    logprobs[o.index] = (logprobs[o.index] or []) + (
-                        _logprobs(o).content or []  # type: ignore[union-attr]
-                    )
-                if o.finish_reason:
-                    finish[o.index] = o.finish_reason
-        self._close(totals, finish[0] or "stop")
-        return ChatCompletion(
-            id=self.id,
-            created=self.created,
-            model=self.model_name,
-            system_fingerprint=FINGERPRINT,
-            choices=[
+        job = self.job
+        choices = []
+        for i, c in enumerate(await job.collect()):
+            content: str | None = c.text
+            calls: list[ToolCall] | None = None
+            finish = c.finish_reason
+            split = self._tool_stream()
+            if split is not None:
+                content = split.push(c.text) + split.finish()
+                if split.calls:
+                    calls, finish = split.calls, "tool_calls"
+                    content = content or None
+            choices.append(
                 ChatChoice(
                     index=i,
-                    message=ResponseMessage(content=texts[i]),
-                    finish_reason=finish[i],
-                    logprobs=ChoiceLogprobs(content=logprobs[i])
-                    if logprobs[i] is not None
-                    else None,
+                    message=ResponseMessage(content=content, tool_calls=calls),
+                    finish_reason=finish,
+                    logprobs=chat_logprobs(c.logprobs),
                 )
-                for i in range(self.n)
-            ],
-            usage=totals.usage(),
+            )
+        return ChatCompletion(
+            id=job.id,
+            created=job.created,
+            model=job.model_name,
+            system_fingerprint=FINGERPRINT,
+            choices=choices,
+            usage=job.usage,
         )
 
     async def chunks(self) -> AsyncIterator[dict[str, Any]]:
         """Stream chunks as dicts; an engine failure becomes a final {"error": ...} event."""
-        self.record.streamed = True
-        totals = _Totals()
-        finish: str | None = None
+        job = self.job
+        job.record.streamed = True
 
         def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> dict[str, Any]:
             return ChatCompletionChunk(
-                id=self.id,
-                created=self.created,
-                model=self.model_name,
+                id=job.id,
+                created=job.created,
+                model=job.model_name,
                 system_fingerprint=FINGERPRINT,
                 choices=choices,
                 usage=usage,
             ).model_dump(exclude_none=True)
 
+        splits = [self._tool_stream() for _ in range(job.n)]
         yield chunk(
-            [ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(self.n)]
+            [ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(job.n)]
         )
-        async for outputs in self.handle:
-            choices = []
-            for o in outputs:
-                totals.add(o)
-                if o.error:
-                    self._close(totals, "error")
-                    yield EngineError(o.error).to_body()
-                    return
-                if o.text or o.finish_reason or o.logprobs:
-                    choices.append(
-                        ChunkChoice(
-                            index=o.index,
-                            delta=Delta(content=o.text) if o.text else Delta(),
-                            finish_reason=o.finish_reason,
-                            logprobs=_logprobs(o),
+        try:
+            async for outputs in job.steps():
+                choices = []
+                for o in outputs:
+                    split = splits[o.index]
+                    text = split.push(o.text) if split is not None else o.text
+                    delta = Delta(content=text) if text else Delta()
+                    finish: str | None = o.finish_reason
+                    if finish is not None and split is not None:
+                        rest = split.finish()
+                        if rest:
+                            delta.content = (delta.content or "") + rest
+                        if split.calls:
+                            delta.tool_calls = [
+                                ToolCallDelta(index=k, **c.model_dump())
+                                for k, c in enumerate(split.calls)
+                            ]
+                            finish = "tool_calls"
+                    if delta.content or delta.tool_calls or finish or o.logprobs:
+                        choices.append(
+                            ChunkChoice(
+                                index=o.index,
+                                delta=delta,
+                                finish_reason=finish,
+                                logprobs=chat_logprobs(o.logprobs),
+                            )
                         )
-                    )
-                if o.finish_reason and o.index == 0:
-                    finish = o.finish_reason
-            if choices:
-                yield chunk(choices)
-        self._close(totals, finish or "stop")
-        yield chunk([], totals.usage())
-
-    def _close(self, totals: _Totals, finish: str) -> None:
-        usage = totals.usage()
-        self.record.finish(usage.prompt_tokens, usage.completion_tokens, totals.cached, finish)
-        self.log.add(self.record)
+                if choices:
+                    yield chunk(choices)
+        except EngineError as exc:
+            yield exc.to_body()
+            return
+        yield chunk([], job.usage)
 
 
 class ChatService:
-    def __init__(self, models: ModelService, log: GenerationLog) -> None:
-        self.models = models
-        self.log = log
+    def __init__(self, jobs: JobFactory) -> None:
+        self.jobs = jobs
 
     async def start(self, request: ChatCompletionRequest, caller: dict[str, str | None]) -> ChatJob:
         """Check everything that can fail up front, then queue the request in the engine."""
-        served, name = await self._pick_model(request)
+        served, name = await self.jobs.pick_model(request)
         template = served.template
         if request.template:
-            template = self.models.template(served.spec, served.engine, request.template)
-        tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
-        prompt = build_prompt(served.engine, template, request.messages, tools)
-        info = served.engine.info
-        n_prompt = len(prompt.tokens)
-        if n_prompt >= info.n_ctx:
-            raise ContextLengthError(
-                f"the prompt is {n_prompt} tokens; this model's context is {info.n_ctx}",
-                param="messages",
-            )
-        max_tokens = request.requested_max_tokens or served.spec.defaults.max_tokens
-        if max_tokens is None:
-            max_tokens = info.n_ctx - n_prompt
-        elif n_prompt + max_tokens > info.n_ctx:
-            raise ContextLengthError(
-                f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds this model's"
-                f" context of {info.n_ctx} tokens",
-                param="max_tokens",
-            )
-        params = to_sampling_params(request, served.spec.defaults, info.n_vocab)
-        stop_text, stop_ids = self._stops(served, request.stop_list, template.stop)
-        handle = served.engine.submit(
-            GenerationRequest(
+            template = self.jobs.models.template(served.spec, served.engine, request.template)
+        tools = plan_tools(request.tools, request.tool_choice, template)
+        grammar = response_grammar(request.response_format)
+        if tools is not None and tools.grammar is not None:
+            if grammar is not None:
+                raise BadRequestError(
+                    "response_format cannot be combined with a forced tool_choice",
+                    param="response_format",
+                )
+            grammar = tools.grammar
+        prompt = self._prompt(served, template, request, tools)
+        job = self.jobs.submit(
+            request,
+            Submission(
+                served=served,
+                model_name=name,
                 prompt_tokens=prompt.tokens,
-                params=params,
-                max_tokens=max_tokens,
-                stop=stop_text,
-                stop_token_ids=stop_ids,
-                n=request.n,
-            )
+                template_stops=template.stop,
+                grammar=grammar,
+                render_special=tools is not None and tools.parse,
+            ),
+            caller,
         )
-        job_id = "gen-" + secrets.token_urlsafe(18)
-        record = GenerationRecord(
-            id=job_id,
-            model=name,
-            referer=caller.get("referer"),
-            title=caller.get("title"),
-        )
-        return ChatJob(
-            job_id, name, served, handle, request.n, ignored_params(request), record, self.log
-        )
+        return ChatJob(job, tools)
 
-    async def _pick_model(self, request: ChatCompletionRequest) -> tuple[ServedModel, str]:
-        names = [request.model] if request.model else []
-        names += [m for m in request.models or [] if m not in names]
-        if not names:
-            names = [None]  # type: ignore[list-item]
-        last: HostlerError | None = None
-        for name in names:
-            try:
-                served = await self.models.get(name)
-                return served, name or served.spec.id
-            except (NotFoundError, ModelLoadError) as exc:
-                last = exc  # try the next model of a fallback list
-        assert last is not None
-        raise last
-
-    @staticmethod
-    def _stops(
-        served: ServedModel, request_stops: list[str], template_stops: tuple[str, ...]
-    ) -> tuple[tuple[str, ...], frozenset[int]]:
-        """Split stops into text to match and single control tokens to end on."""
+    def _prompt(
+        self,
+        served: ServedModel,
+        template: ChatTemplate,
+        request: ChatCompletionRequest,
+        tools: ToolPlan | None,
+    ) -> Prompt:
+        """The rendered prompt; shortened by middle-out when it would not fit."""
         engine = served.engine
-        text: list[str] = [s for s in request_stops if s]
-        ids: set[int] = set()
-        for s in (*template_stops, *request_stops):
-            tokens = engine.tokenize(s, add_special=False)
-            if len(tokens) == 1 and engine.token_text(tokens[0]) == s and _is_control(s):
-                ids.add(tokens[0])
-            elif s not in text and not _is_control(s):
-                text.append(s)
-        if any(not s for s in request_stops):
-            raise BadRequestError("stop sequences must not be empty", param="stop")
-        return tuple(text), frozenset(ids)
+        prompt = build_prompt(engine, template, request.messages, tools)
+        n_ctx = engine.info.n_ctx
+        budget = n_ctx - (request.requested_max_tokens or 1)
+        if len(prompt.tokens) <= budget or not middle_out_enabled(request.transforms):
+            return prompt  # the job factory reports a prompt that does not fit
 
+        def fits(messages: list[ChatMessage]) -> bool:
+            return len(build_prompt(engine, template, messages, tools).tokens) <= budget
 
-def _is_control(s: str) -> bool:
-    return (s.startswith("<") and s.endswith(">")) or (s.startswith("[") and s.endswith("]"))
+        kept = middle_out(request.messages, fits)
+        if kept is None:
+            return prompt  # cannot fit: the job factory reports exactly why
+        return build_prompt(engine, template, kept, tools)

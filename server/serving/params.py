@@ -10,8 +10,6 @@ from server.registry.schema import SamplerDefaults
 
 # Parameters accepted on the wire that have no effect here; reported back to the caller.
 IGNORED_KNOWN = ("provider", "user", "route")
-# Accepted on the wire, not applied yet: reported so callers are never misled.
-NOT_YET_APPLIED = ("response_format", "tools", "tool_choice", "transforms")
 
 
 def ignored_params(request: SamplingFields) -> list[str]:
@@ -22,17 +20,11 @@ def ignored_params(request: SamplingFields) -> list[str]:
             if name == "route" and request.models:
                 continue
             names.append(name)
-    for name in NOT_YET_APPLIED:
-        value = getattr(request, name, None)
-        if value is not None and not (name == "response_format" and value.type == "text"):
-            names.append(name)
-    if request.mirostat_mode == 1:
-        names.append("mirostat_mode")
     return names
 
 
 def to_sampling_params(
-    request: SamplingFields, defaults: SamplerDefaults, n_vocab: int
+    request: SamplingFields, defaults: SamplerDefaults, n_vocab: int, grammar: str | None = None
 ) -> SamplingParams:
     def pick(name: str, fallback: float) -> float:
         value = getattr(request, name)
@@ -59,9 +51,6 @@ def to_sampling_params(
                 param="sampler_order",
             )
         order = tuple(request.sampler_order)
-    top_logprobs = None
-    if request.logprobs:
-        top_logprobs = request.top_logprobs or 0
     return SamplingParams(
         temperature=pick("temperature", 1.0),
         top_k=int(pick("top_k", 0)),
@@ -100,6 +89,7 @@ def to_sampling_params(
         else 1.0,
         min_tokens=request.min_tokens or 0,
         ignore_eos=bool(request.ignore_eos),
-        top_logprobs=top_logprobs,
+        top_logprobs=request.wanted_logprobs,
+        grammar=grammar,
         sampler_order=order,
     )

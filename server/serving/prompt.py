@@ -8,6 +8,13 @@ from typing import Any
 from server.engine.types import Engine
 from server.errors import BadRequestError
 from server.protocol.chat import ChatMessage, ImagePart, TextPart
+from server.serving.tools import (
+    ToolPlan,
+    call_as_text,
+    renders_tools,
+    tool_format,
+    tools_system_prompt,
+)
 from server.templates import ChatTemplate
 from server.templates.render import TemplateError
 
@@ -38,11 +45,16 @@ def _content(message: ChatMessage, index: int) -> str:
 
 
 def to_template_messages(
-    messages: list[ChatMessage], template: ChatTemplate
+    messages: list[ChatMessage], template: ChatTemplate, tools: ToolPlan | None = None
 ) -> list[dict[str, Any]]:
-    """Plain dicts for the template; `name` becomes a `{name}: ` prefix unless it knows names."""
+    """Plain dicts for the template; `name` becomes a `{name}: ` prefix unless it knows names.
+
+    For templates that know nothing of tools, earlier tool calls are written into the
+    assistant's text in the model's format, and the tool list goes into the system prompt.
+    """
     knows_names = "name" in template.source
-    out = []
+    knows_tools = renders_tools(template)
+    out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         content = _content(m, i)
         if m.name and not knows_names and m.role in ("user", "assistant", "system"):
@@ -53,9 +65,19 @@ def to_template_messages(
             entry["name"] = m.name
         if m.tool_calls:
             entry["tool_calls"] = [tc.model_dump() for tc in m.tool_calls]
+            if not knows_tools:
+                fmt = tools.fmt if tools is not None else tool_format(template)
+                text = call_as_text(entry["tool_calls"], fmt)
+                entry["content"] = f"{content}\n{text}" if content else text
         if m.tool_call_id:
             entry["tool_call_id"] = m.tool_call_id
         out.append(entry)
+    if tools is not None and tools.tools and not knows_tools:
+        block = tools_system_prompt(tools.tools, tools.fmt)
+        if out and out[0]["role"] == "system":
+            out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{block}"}
+        else:
+            out.insert(0, {"role": "system", "content": block})
     return out
 
 
@@ -63,9 +85,9 @@ def build_prompt(
     engine: Engine,
     template: ChatTemplate,
     messages: list[ChatMessage],
-    tools: list[dict[str, Any]] | None = None,
+    tools: ToolPlan | None = None,
 ) -> Prompt:
-    msgs = to_template_messages(messages, template)
+    msgs = to_template_messages(messages, template, tools)
     prefill = ""
     if len(msgs) > 1 and msgs[-1]["role"] == "assistant":
         # Assistant prefill: render the turns before it, open the assistant turn, continue.
@@ -74,11 +96,16 @@ def build_prompt(
     info = engine.info
     try:
         text = template.render(
-            msgs, bos_token=info.bos_token, eos_token=info.eos_token, tools=tools
+            msgs,
+            bos_token=info.bos_token,
+            eos_token=info.eos_token,
+            tools=tools.tools if tools is not None and tools.tools else None,
         )
     except TemplateError as exc:
         raise BadRequestError(str(exc), param="messages") from exc
     text += prefill
+    if tools is not None:
+        text += tools.prefill  # a forced tool call starts with its marker
     return Prompt(text, tokenize_prompt(engine, text), prefill)
 
 

@@ -119,9 +119,32 @@ def test_unknown_model_is_404(api: Api, stream: bool) -> None:
 
 
 def test_prompt_too_long_is_400_before_stream(api: Api, stream: bool) -> None:
-    r, body = api.chat({"messages": [{"role": "user", "content": "x" * 400}]}, stream)
+    long = [{"role": "user", "content": "x" * 400}]
+    r, body = api.chat({"messages": long, "transforms": []}, stream)
     assert r.status_code == 400
     assert body["error"]["param"] == "messages"
+
+
+def test_middle_out_drops_middle_messages_to_fit(api: Api, stream: bool) -> None:
+    turns = [{"role": "system", "content": "SYS"}] + [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"turn{i} " + "y" * 30}
+        for i in range(12)
+    ]
+    turns.append({"role": "user", "content": "LAST"})
+    r, _ = api.chat({"messages": turns, "max_tokens": 20}, stream)
+    assert r.status_code == 200
+    prompt = "".join(chr(t) for t in api.engine.requests[-1].prompt_tokens[1:])
+    assert "SYS" in prompt and "LAST" in prompt and "turn11" in prompt
+    assert "turn5" not in prompt  # the middle went first
+    assert len(api.engine.requests[-1].prompt_tokens) + 20 <= 256
+
+
+def test_middle_out_shortens_a_single_long_message(api: Api, stream: bool) -> None:
+    text = "A" * 150 + "B" * 150 + "C" * 150
+    r, _ = api.chat({"messages": [{"role": "user", "content": text}]}, stream)
+    assert r.status_code == 200
+    prompt = "".join(chr(t) for t in api.engine.requests[-1].prompt_tokens[1:])
+    assert prompt.count("A") > 50 and prompt.count("C") > 50 and prompt.count("B") < 100
 
 
 def test_prompt_plus_max_tokens_over_context_is_400(api: Api, stream: bool) -> None:

@@ -1,0 +1,71 @@
+"""Turning a started job into an HTTP response: SSE stream or JSON, with disconnect checks."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, Protocol, TypeVar
+
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from server.api.sse import sse_response
+from server.config import Settings
+
+T = TypeVar("T")
+
+
+class StartedJob(Protocol):
+    @property
+    def ignored(self) -> list[str]: ...
+
+    def complete(self) -> Awaitable[BaseModel]: ...
+
+    def chunks(self) -> AsyncIterator[dict[str, Any]]: ...
+
+
+def caller_of(request: Request) -> dict[str, str | None]:
+    """The app attribution headers OpenRouter records with each generation."""
+    return {
+        "referer": request.headers.get("http-referer"),
+        "title": request.headers.get("x-title"),
+    }
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Run `work`; if the client goes away first, cancel it (which frees its slots)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    return None
+
+
+async def job_response(
+    job: StartedJob, stream: bool, request: Request, settings: Settings
+) -> Response:
+    headers: dict[str, Any] = {}
+    if job.ignored:
+        headers["X-Hostler-Ignored-Params"] = ",".join(job.ignored)
+    if stream:
+        return sse_response(
+            job.chunks(),
+            keepalive=settings.keepalive,
+            grace=settings.shutdown_grace,
+            headers=headers,
+        )
+    result = await until_disconnected(request, job.complete())
+    if result is None:
+        return Response(status_code=499)
+    return JSONResponse(result.model_dump(exclude_none=True), headers=headers)

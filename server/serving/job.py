@@ -1,0 +1,221 @@
+"""A request queued in the engine, and how a request becomes one.
+
+Chat and text completions share everything between "the prompt is tokenized" and
+"the engine's outputs are folded into choices": model choice with fallbacks, the
+context budget, sampling parameters, stop strings, submission, usage and the
+generation record. Only the wire shapes differ; those live in chat.py / completions.py.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from server import __version__
+from server.engine.types import GenerationHandle, GenerationRequest, SeqOutput, TokenLogprob
+from server.errors import (
+    BadRequestError,
+    ContextLengthError,
+    EngineError,
+    HostlerError,
+    ModelLoadError,
+    NotFoundError,
+)
+from server.protocol.common import PromptTokensDetails, SamplingFields, Usage
+from server.serving.generations import GenerationLog, GenerationRecord
+from server.serving.models import ModelService, ServedModel
+from server.serving.params import ignored_params, to_sampling_params
+
+FINGERPRINT = f"hostler-{__version__}"
+
+
+@dataclass
+class Choice:
+    """One choice, folded from all of its step outputs."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class _Totals:
+    prompt: int = 0
+    cached: int = 0
+    completion: dict[int, int] = field(default_factory=dict)
+
+    def add(self, o: SeqOutput) -> None:
+        self.prompt = max(self.prompt, o.prompt_tokens)
+        self.cached = max(self.cached, o.cached_tokens)
+        self.completion[o.index] = o.completion_tokens
+
+    def usage(self) -> Usage:
+        completion = sum(self.completion.values())
+        return Usage(
+            prompt_tokens=self.prompt,
+            completion_tokens=completion,
+            total_tokens=self.prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached),
+        )
+
+
+@dataclass
+class Job:
+    """A request that passed every check and is queued in the engine."""
+
+    id: str
+    model_name: str
+    served: ServedModel
+    handle: GenerationHandle
+    n: int
+    ignored: list[str]
+    record: GenerationRecord
+    log: GenerationLog
+    created: int = field(default_factory=lambda: int(time.time()))
+    _totals: _Totals = field(default_factory=_Totals)
+
+    @property
+    def usage(self) -> Usage:
+        return self._totals.usage()
+
+    async def steps(self) -> AsyncIterator[list[SeqOutput]]:
+        """The engine's outputs step by step; an engine failure raises EngineError."""
+        finish: str | None = None
+        async for outputs in self.handle:
+            for o in outputs:
+                self._totals.add(o)
+                if o.error:
+                    self._close("error")
+                    raise EngineError(o.error)
+                if o.finish_reason and o.index == 0:
+                    finish = o.finish_reason
+            yield outputs
+        self._close(finish or "stop")
+
+    async def collect(self) -> list[Choice]:
+        """Run to the end; every choice's text, finish reason and logprobs."""
+        choices = [Choice() for _ in range(self.n)]
+        async for outputs in self.steps():
+            for o in outputs:
+                c = choices[o.index]
+                c.text += o.text
+                if o.logprobs is not None:
+                    c.logprobs = (c.logprobs or []) + o.logprobs
+                if o.finish_reason:
+                    c.finish_reason = o.finish_reason
+        return choices
+
+    def _close(self, finish: str) -> None:
+        u = self.usage
+        self.record.finish(u.prompt_tokens, u.completion_tokens, self._totals.cached, finish)
+        self.log.add(self.record)
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What a use case hands the engine besides the request's own fields."""
+
+    served: ServedModel
+    model_name: str
+    prompt_tokens: list[int]
+    template_stops: tuple[str, ...] = ()
+    grammar: str | None = None
+    render_special: bool = False
+    ignored: tuple[str, ...] = ()
+    prompt_param: str = "messages"
+
+
+class JobFactory:
+    """Model choice (with OpenRouter fallbacks) and submission, shared by the endpoints."""
+
+    def __init__(self, models: ModelService, log: GenerationLog) -> None:
+        self.models = models
+        self.log = log
+
+    async def pick_model(self, request: SamplingFields) -> tuple[ServedModel, str]:
+        names: list[str | None] = [request.model] if request.model else []
+        names += [m for m in request.models or [] if m not in names]
+        last: HostlerError | None = None
+        for name in names or [None]:
+            try:
+                served = await self.models.get(name)
+                return served, name or served.spec.id
+            except (NotFoundError, ModelLoadError) as exc:
+                last = exc  # try the next model of a fallback list
+        assert last is not None
+        raise last
+
+    def max_tokens(
+        self, served: ServedModel, request: SamplingFields, n_prompt: int, prompt_param: str
+    ) -> int:
+        """The completion budget; a prompt (plus max_tokens) beyond the context is a 400."""
+        n_ctx = served.engine.info.n_ctx
+        if n_prompt >= n_ctx:
+            raise ContextLengthError(
+                f"the prompt is {n_prompt} tokens; this model's context is {n_ctx}",
+                param=prompt_param,
+            )
+        max_tokens = request.requested_max_tokens or served.spec.defaults.max_tokens
+        if max_tokens is None:
+            return n_ctx - n_prompt
+        if n_prompt + max_tokens > n_ctx:
+            raise ContextLengthError(
+                f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds this model's"
+                f" context of {n_ctx} tokens",
+                param="max_tokens",
+            )
+        return max_tokens
+
+    def submit(
+        self, request: SamplingFields, sub: Submission, caller: dict[str, str | None]
+    ) -> Job:
+        served = sub.served
+        info = served.engine.info
+        max_tokens = self.max_tokens(served, request, len(sub.prompt_tokens), sub.prompt_param)
+        params = to_sampling_params(request, served.spec.defaults, info.n_vocab, sub.grammar)
+        stop_text, stop_ids = self._stops(served, request.stop_list, sub.template_stops)
+        handle = served.engine.submit(
+            GenerationRequest(
+                prompt_tokens=sub.prompt_tokens,
+                params=params,
+                max_tokens=max_tokens,
+                stop=stop_text,
+                stop_token_ids=stop_ids,
+                n=request.n,
+                render_special=sub.render_special,
+            )
+        )
+        record = GenerationRecord(
+            id="gen-" + secrets.token_urlsafe(18),
+            model=sub.model_name,
+            referer=caller.get("referer"),
+            title=caller.get("title"),
+        )
+        ignored = ignored_params(request) + [p for p in sub.ignored if p]
+        return Job(record.id, sub.model_name, served, handle, request.n, ignored, record, self.log)
+
+    @staticmethod
+    def _stops(
+        served: ServedModel, request_stops: list[str], template_stops: tuple[str, ...]
+    ) -> tuple[tuple[str, ...], frozenset[int]]:
+        """Split stops into text to match and single control tokens to end on."""
+        if any(not s for s in request_stops):
+            raise BadRequestError("stop sequences must not be empty", param="stop")
+        engine = served.engine
+        text: list[str] = list(request_stops)
+        ids: set[int] = set()
+        for s in (*template_stops, *request_stops):
+            tokens = engine.tokenize(s, add_special=False)
+            if len(tokens) == 1 and engine.token_text(tokens[0]) == s and _is_control(s):
+                ids.add(tokens[0])
+                if s in text:
+                    text.remove(s)
+            elif s not in text and not _is_control(s):
+                text.append(s)
+        return tuple(text), frozenset(ids)
+
+
+def _is_control(s: str) -> bool:
+    return (s.startswith("<") and s.endswith(">")) or (s.startswith("[") and s.endswith("]"))
