@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
 
 from server.protocol.common import ChoiceLogprobs, SamplingFields, Usage
 
@@ -64,6 +70,13 @@ class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _keep_null_content(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # OpenAI sends `"content": null` beside tool calls; keep it when dumping without Nones.
+        data: dict[str, Any] = handler(self)
+        data.setdefault("content", None)
+        return data
 
 
 class ChatChoice(BaseModel):

@@ -59,6 +59,7 @@ class Api:
 def assemble(raw: str) -> dict[str, Any]:
     """Fold SSE chunks into the shape of a non-streamed response."""
     texts: dict[int, str] = {}
+    calls: dict[int, list[dict[str, Any]]] = {}
     finish: dict[int, str | None] = {}
     usage = None
     error = None
@@ -79,13 +80,21 @@ def assemble(raw: str) -> dict[str, Any]:
         usage = chunk.get("usage") or usage
         for c in chunk["choices"]:
             texts[c["index"]] = texts.get(c["index"], "") + (c["delta"].get("content") or "")
+            for call in c["delta"].get("tool_calls") or []:
+                calls.setdefault(c["index"], []).append(
+                    {k: v for k, v in call.items() if k != "index"}
+                )
             if c.get("finish_reason"):
                 finish[c["index"]] = c["finish_reason"]
     out: dict[str, Any] = {
         "model": model,
         "done": done,
         "choices": [
-            {"index": i, "message": {"content": texts[i]}, "finish_reason": finish.get(i)}
+            {
+                "index": i,
+                "message": {"content": texts[i] or None, "tool_calls": calls.get(i)},
+                "finish_reason": finish.get(i),
+            }
             for i in sorted(texts)
         ],
         "usage": usage,
