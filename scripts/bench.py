@@ -55,6 +55,7 @@ class Target:
     model: str
     proc: subprocess.Popen[bytes] | None = None
     results: dict[str, float] = field(default_factory=dict)
+    errors: int = 0
 
 
 async def one(
@@ -66,39 +67,49 @@ async def one(
 ) -> Result:
     body = {
         "model": t.model, "messages": messages, "max_tokens": n, "temperature": 0,
-        "stream": True, "logit_bias": ban,
+        "stream": True, "logit_bias": ban, "stream_options": {"include_usage": True},
     }  # fmt: skip
     start = time.perf_counter()
     ttft = 0.0
-    tokens = 0
-    async with client.stream("POST", t.url + "/chat/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            for c in chunk.get("choices", []):
-                if c.get("delta", {}).get("content"):
-                    tokens += 1
-                    if not ttft:
-                        ttft = time.perf_counter() - start
-    return Result(ttft, tokens, time.perf_counter() - start)
+    tokens = chunks = 0
+    try:
+        async with client.stream("POST", t.url + "/chat/completions", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                for c in chunk.get("choices", []):
+                    if c.get("delta", {}).get("content"):
+                        chunks += 1
+                        if not ttft:
+                            ttft = time.perf_counter() - start
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    except httpx.HTTPError as exc:  # a peer that drops or refuses requests: count the loss
+        t.errors += 1
+        print(f"{t.name}: request failed: {exc!r}", file=sys.stderr)
+    # Count tokens by the server's usage when it reports it: a server may put several
+    # tokens in one chunk when the client falls behind.
+    return Result(ttft, tokens or chunks, time.perf_counter() - start)
 
 
-async def measure(t: Target, args: argparse.Namespace) -> None:
+async def measure(t: Target, args: argparse.Namespace) -> dict[str, float]:
+    """One round of every metric against one server."""
+    out: dict[str, float] = {}
     ban = {tok: -100.0 for tok in args.ban.split(",") if tok}
     user = [{"role": "user", "content": QUESTION}]
     async with httpx.AsyncClient(timeout=600) as client:
         await one(client, t, user, 8, ban)  # warm-up
         singles = [await one(client, t, user, args.tokens, ban) for _ in range(args.repeat)]
-        t.results["decode tok/s"] = statistics.median(r.decode_tps for r in singles)
-        t.results["TTFT ms"] = 1000 * statistics.median(r.ttft for r in singles)
+        out["decode tok/s"] = statistics.median(r.decode_tps for r in singles)
+        out["TTFT ms"] = 1000 * statistics.median(r.ttft for r in singles)
         for c in args.concurrency:
             prompts = [[{"role": "user", "content": f"{QUESTION} (variant {i})"}] for i in range(c)]
             start = time.perf_counter()
             rs = await asyncio.gather(*(one(client, t, p, args.tokens, ban) for p in prompts))
             wall = time.perf_counter() - start
-            t.results[f"aggregate tok/s @{c}"] = sum(r.tokens for r in rs) / wall
+            out[f"aggregate tok/s @{c}"] = sum(r.tokens for r in rs) / wall
         chat: list[dict[str, str]] = [{"role": "system", "content": "You are a storyteller. " * 40}]
         ttfts = []
         for turn in range(1, args.turns + 1):
@@ -106,7 +117,26 @@ async def measure(t: Target, args: argparse.Namespace) -> None:
             r = await one(client, t, chat, 16, ban)
             ttfts.append(r.ttft)
             chat.append({"role": "assistant", "content": "The keeper climbed the stairs. " * 4})
-        t.results["TTFT turns 2-6 ms"] = 1000 * statistics.mean(ttfts[1:])
+        out["TTFT turns 2-6 ms"] = 1000 * statistics.mean(ttfts[1:])
+    return out
+
+
+def run_rounds(targets: list[Target], args: argparse.Namespace) -> None:
+    """Interleave the servers round by round (A B A B ...) so that drift in the machine's
+    speed hits all of them alike; each metric is the median over rounds."""
+    rounds: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
+    for i in range(args.rounds):
+        for t in targets:
+            if t.name in args.one_round and i > 0:
+                continue
+            print(f"round {i + 1}: {t.name} ...", file=sys.stderr)
+            result = asyncio.run(measure(t, args))
+            print(f"  {result}", file=sys.stderr)
+            rounds[t.name].append(result)
+    for t in targets:
+        for m in rounds[t.name][0]:
+            t.results[m] = statistics.median(r[m] for r in rounds[t.name])
+        t.results["failed requests"] = t.errors
 
 
 def free_port() -> int:
@@ -158,6 +188,13 @@ def main() -> int:
         "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8, 16]
     )
     p.add_argument("--turns", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per server")
+    p.add_argument(
+        "--one-round",
+        default="llama-cpp-python",
+        type=lambda s: s.split(","),
+        help="servers measured in the first round only (slow peers)",
+    )
     p.add_argument("--ban", default="0,2", help="token ids banned with logit_bias (EOS/EOT)")
     args = p.parse_args()
 
@@ -182,10 +219,10 @@ def main() -> int:
             port = free_port()
             cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port)]
             cmd += ["--n_threads", str(args.threads), "--n_ctx", str(args.ctx)]
+            # By default a new request cuts off the running one; queue them instead.
+            cmd += ["--interrupt_requests", "false"]
             targets.append(start("llama-cpp-python", cmd, port, "smollm2", log_dir))
-        for t in targets:
-            print(f"measuring {t.name} ...", file=sys.stderr)
-            asyncio.run(measure(t, args))
+        run_rounds(targets, args)
     finally:
         for t in targets:
             if t.proc is not None:
@@ -193,19 +230,15 @@ def main() -> int:
                 t.proc.wait(timeout=60)
     metrics = list(targets[0].results) if targets else []
     names = [t.name for t in targets]
-    print(
-        "| metric | "
-        + " | ".join(names)
-        + (" | ratio " + names[0] + "/" + names[1] if len(names) > 1 else "")
-        + " |"
-    )
-    print("|---" * (len(names) + 1 + (len(names) > 1)) + "|")
+    peers = targets[1:]
+    header = ["metric", *names, *(f"{names[0]}/{t.name}" for t in peers)]
+    print("| " + " | ".join(header) + " |")
+    print("|---" * len(header) + "|")
     for m in metrics:
         vals = [t.results.get(m, float("nan")) for t in targets]
-        row = f"| {m} | " + " | ".join(f"{v:.1f}" for v in vals)
-        if len(vals) > 1:
-            row += f" | {vals[0] / vals[1]:.2f}x"
-        print(row + " |")
+        ratios = [f"{vals[0] / v:.2f}x" if v else "-" for v in vals[1:]]
+        cells = [m, *(f"{v:.1f}" for v in vals), *ratios]
+        print("| " + " | ".join(cells) + " |")
     return 0
 
 

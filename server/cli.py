@@ -55,6 +55,9 @@ def _serve(args: argparse.Namespace) -> int:
     from server.registry import Registry, local_file
 
     settings, models_file = _settings_from(args)
+    # The engine thread and the event loop share the GIL; a short switch interval keeps
+    # the engine from waiting up to 5 ms for the loop between llama.cpp calls.
+    sys.setswitchinterval(0.0005)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -30,6 +30,9 @@ DEFAULT_ORDER: tuple[str, ...] = (
     "xtc",
     "temperature",
 )
+# llama_token_data as numpy sees it: {int32 id; float logit; float p}.
+TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
 # Mirostat v1's sample size for estimating s_hat (the paper's and llama.cpp's value).
 MIROSTAT_M = 100
 STAGES = frozenset(DEFAULT_ORDER) | {"top_a", "dry", "penalties"}
@@ -170,6 +173,31 @@ class SeqSampler:
         if raw is not None:
             logprob = self._logprob(raw, token)
         return token, logprob
+
+    def sample_logits(self, logits: npt.NDArray[np.float32], n_generated: int = 0) -> int:
+        """Pick a token from a given logits row with this same chain, without a context.
+
+        The numpy pre-steps and the llama.cpp chain run exactly as in `sample`, but the
+        token is not accepted (call `accept`); tests use this to check each sampler
+        against its definition on fixed logits.
+        """
+        row = np.array(logits, dtype=np.float32)
+        for fn in self._pre:
+            fn(row, n_generated)
+        n = len(row)
+        data = (lc.llama_token_data * n)()
+        view = np.frombuffer(memoryview(data), dtype=TOKEN_DATA)
+        view["id"] = np.arange(n, dtype=np.int32)
+        view["logit"] = row
+        view["p"] = 0.0
+        cur = lc.llama_token_data_array(data=data, size=n, selected=-1, sorted=False)
+        lc.llama_sampler_apply(self.chain, ctypes.byref(cur))
+        # Read through cur.data: a stage may move the pointer (XTC drops the head).
+        return int(cur.data[cur.selected].id)
+
+    def accept(self, token: int) -> None:
+        """Record `token` as generated (penalties, DRY, grammar and mirostat keep state)."""
+        lc.llama_sampler_accept(self.chain, token)
 
     def _logprob(self, raw: npt.NDArray[np.float32], token: int) -> TokenLogprob:
         m = float(raw.max())

@@ -57,6 +57,13 @@ class _Handle:
         try:
             while self._open > 0:
                 outputs = await self._queue.get()
+                if not self._queue.empty():
+                    # The consumer fell behind: fold the waiting steps into one item, so
+                    # a slow client costs one chunk per wake-up rather than one per token.
+                    steps = [outputs]
+                    while not self._queue.empty():
+                        steps.append(self._queue.get_nowait())
+                    outputs = merge_steps(steps)
                 self._open -= sum(1 for o in outputs if o.finish_reason is not None)
                 yield outputs
         finally:
@@ -452,6 +459,37 @@ class LlamaEngine:
             (seq, self._finish(seq, "error", message)) for seq in [*self._active, *self._waiting]
         ]
         self._deliver(out)
+
+
+def merge_steps(steps: list[list[SeqOutput]]) -> list[SeqOutput]:
+    """Several steps' outputs as one: per choice, text and tokens joined in order."""
+    merged: dict[int, SeqOutput] = {}
+    for outputs in steps:
+        for o in outputs:
+            m = merged.get(o.index)
+            if m is None:
+                merged[o.index] = SeqOutput(
+                    index=o.index,
+                    text=o.text,
+                    token_ids=list(o.token_ids),
+                    logprobs=list(o.logprobs) if o.logprobs is not None else None,
+                    finish_reason=o.finish_reason,
+                    error=o.error,
+                    prompt_tokens=o.prompt_tokens,
+                    cached_tokens=o.cached_tokens,
+                    completion_tokens=o.completion_tokens,
+                )
+                continue
+            m.text += o.text
+            m.token_ids.extend(o.token_ids)
+            if o.logprobs is not None:
+                m.logprobs = (m.logprobs or []) + o.logprobs
+            m.finish_reason = o.finish_reason or m.finish_reason
+            m.error = o.error or m.error
+            m.prompt_tokens = o.prompt_tokens
+            m.cached_tokens = o.cached_tokens
+            m.completion_tokens = o.completion_tokens
+    return list(merged.values())
 
 
 def _dispatch(items: list[tuple[_Handle, list[SeqOutput]]]) -> None:

@@ -6,21 +6,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from server.engine.types import SeqOutput
 from server.engine.types import TokenLogprob as EngineLogprob
 from server.errors import BadRequestError, EngineError
 from server.protocol.chat import (
     ChatChoice,
     ChatCompletion,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatMessage,
-    ChunkChoice,
-    Delta,
     ResponseMessage,
     ToolCall,
-    ToolCallDelta,
 )
-from server.protocol.common import ChoiceLogprobs, TokenLogprob, TopLogprob, Usage
+from server.protocol.common import ChoiceLogprobs, TokenLogprob, TopLogprob
 from server.serving.job import FINGERPRINT, Job, JobFactory, Submission
 from server.serving.models import ServedModel
 from server.serving.prompt import Prompt, build_prompt
@@ -91,57 +88,64 @@ class ChatJob:
         )
 
     async def chunks(self) -> AsyncIterator[dict[str, Any]]:
-        """Stream chunks as dicts; an engine failure becomes a final {"error": ...} event."""
+        """Stream chunks as dicts; an engine failure becomes a final {"error": ...} event.
+
+        Chunks are plain dicts in the shape of `ChatCompletionChunk` (dumped without
+        None fields), built directly: this runs once per token per stream.
+        """
         job = self.job
         job.record.streamed = True
-
-        def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> dict[str, Any]:
-            return ChatCompletionChunk(
-                id=job.id,
-                created=job.created,
-                model=job.model_name,
-                system_fingerprint=FINGERPRINT,
-                choices=choices,
-                usage=usage,
-            ).model_dump(exclude_none=True)
-
+        head = {
+            "id": job.id,
+            "object": "chat.completion.chunk",
+            "created": job.created,
+            "model": job.model_name,
+            "system_fingerprint": FINGERPRINT,
+        }
         splits = [self._tool_stream() for _ in range(job.n)]
-        yield chunk(
-            [ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(job.n)]
-        )
+        yield {
+            **head,
+            "choices": [
+                {"index": i, "delta": {"role": "assistant", "content": ""}} for i in range(job.n)
+            ],
+        }
         try:
             async for outputs in job.steps():
                 choices = []
                 for o in outputs:
-                    split = splits[o.index]
-                    text = split.push(o.text) if split is not None else o.text
-                    delta = Delta(content=text) if text else Delta()
-                    finish: str | None = o.finish_reason
-                    if finish is not None and split is not None:
-                        rest = split.finish()
-                        if rest:
-                            delta.content = (delta.content or "") + rest
-                        if split.calls:
-                            delta.tool_calls = [
-                                ToolCallDelta(index=k, **c.model_dump())
-                                for k, c in enumerate(split.calls)
-                            ]
-                            finish = "tool_calls"
-                    if delta.content or delta.tool_calls or finish or o.logprobs:
-                        choices.append(
-                            ChunkChoice(
-                                index=o.index,
-                                delta=delta,
-                                finish_reason=finish,
-                                logprobs=chat_logprobs(o.logprobs),
-                            )
-                        )
+                    choice = self._chunk_choice(o, splits[o.index])
+                    if choice is not None:
+                        choices.append(choice)
                 if choices:
-                    yield chunk(choices)
+                    yield {**head, "choices": choices}
         except EngineError as exc:
             yield exc.to_body()
             return
-        yield chunk([], job.usage)
+        yield {**head, "choices": [], "usage": job.usage.model_dump()}
+
+    @staticmethod
+    def _chunk_choice(o: SeqOutput, split: ToolCallStream | None) -> dict[str, Any] | None:
+        text = split.push(o.text) if split is not None else o.text
+        delta: dict[str, Any] = {"content": text} if text else {}
+        finish: str | None = o.finish_reason
+        if finish is not None and split is not None:
+            rest = split.finish()
+            if rest:
+                delta["content"] = delta.get("content", "") + rest
+            if split.calls:
+                delta["tool_calls"] = [
+                    {"index": k, **c.model_dump()} for k, c in enumerate(split.calls)
+                ]
+                finish = "tool_calls"
+        if not (delta or finish or o.logprobs):
+            return None
+        choice: dict[str, Any] = {"index": o.index, "delta": delta}
+        if finish is not None:
+            choice["finish_reason"] = finish
+        lp = chat_logprobs(o.logprobs)
+        if lp is not None:
+            choice["logprobs"] = lp.model_dump(exclude_none=True)
+        return choice
 
 
 class ChatService:

@@ -7,6 +7,7 @@ mutation of the objects passed in.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from datetime import datetime
@@ -53,6 +54,12 @@ def _environment() -> ImmutableSandboxedEnvironment:
 _ENV = _environment()
 
 
+@functools.lru_cache(maxsize=64)
+def _compiled(source: str) -> jinja2.Template:
+    """Compile each template source once (compiling costs milliseconds; rendering, micro)."""
+    return _ENV.from_string(source)
+
+
 @dataclass(frozen=True)
 class ChatTemplate:
     """A compiled template and the stop strings that belong to its format."""
@@ -71,8 +78,7 @@ class ChatTemplate:
         tools: list[dict[str, Any]] | None = None,
     ) -> str:
         try:
-            template = _ENV.from_string(self.source)
-            return template.render(
+            return _compiled(self.source).render(
                 messages=messages,
                 bos_token=bos_token,
                 eos_token=eos_token,
