@@ -69,26 +69,35 @@ async def one(
         "model": t.model, "messages": messages, "max_tokens": n, "temperature": 0,
         "stream": True, "logit_bias": ban, "stream_options": {"include_usage": True},
     }  # fmt: skip
-    start = time.perf_counter()
-    ttft = 0.0
-    tokens = chunks = 0
-    try:
-        async with client.stream("POST", t.url + "/chat/completions", json=body) as r:
-            r.raise_for_status()
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                for c in chunk.get("choices", []):
-                    if c.get("delta", {}).get("content"):
-                        chunks += 1
-                        if not ttft:
-                            ttft = time.perf_counter() - start
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-    except httpx.HTTPError as exc:  # a peer that drops or refuses requests: count the loss
-        t.errors += 1
-        print(f"{t.name}: request failed: {exc!r}", file=sys.stderr)
+    for attempt in range(2):
+        start = time.perf_counter()
+        ttft = 0.0
+        tokens = chunks = 0
+        try:
+            async with client.stream("POST", t.url + "/chat/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    for c in chunk.get("choices", []):
+                        if c.get("delta", {}).get("content"):
+                            chunks += 1
+                            if not ttft:
+                                ttft = time.perf_counter() - start
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+            break
+        except httpx.RemoteProtocolError as exc:
+            # A kept-alive connection the server had already closed: retry once, fresh.
+            if attempt == 0 and not chunks:
+                continue
+            t.errors += 1
+            print(f"{t.name}: request failed: {exc!r}", file=sys.stderr)
+        except httpx.HTTPError as exc:  # a peer that drops or refuses requests: count it
+            t.errors += 1
+            print(f"{t.name}: request failed: {exc!r}", file=sys.stderr)
+            break
     # Count tokens by the server's usage when it reports it: a server may put several
     # tokens in one chunk when the client falls behind.
     return Result(ttft, tokens or chunks, time.perf_counter() - start)

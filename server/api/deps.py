@@ -1,4 +1,8 @@
-"""Dependencies: services from app.state, and the API key check."""
+"""Dependencies: services from app.state, and the API key check.
+
+All are `async def`: FastAPI runs plain `def` dependencies in a thread pool, a thread hop
+per dependency per request.
+"""
 
 from __future__ import annotations
 
@@ -15,27 +19,27 @@ from server.serving.generations import GenerationLog
 from server.serving.models import ModelService
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def _chat(request: Request) -> ChatService:
+async def _chat(request: Request) -> ChatService:
     service: ChatService = request.app.state.chat
     return service
 
 
-def _completions(request: Request) -> CompletionService:
+async def _completions(request: Request) -> CompletionService:
     service: CompletionService = request.app.state.completions
     return service
 
 
-def _models(request: Request) -> ModelService:
+async def _models(request: Request) -> ModelService:
     service: ModelService = request.app.state.models
     return service
 
 
-def _generations(request: Request) -> GenerationLog:
+async def _generations(request: Request) -> GenerationLog:
     log: GenerationLog = request.app.state.generations
     return log
 

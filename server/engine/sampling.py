@@ -35,7 +35,9 @@ TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32
 
 # Mirostat v1's sample size for estimating s_hat (the paper's and llama.cpp's value).
 MIROSTAT_M = 100
-STAGES = frozenset(DEFAULT_ORDER) | {"top_a", "dry", "penalties"}
+# The stages `sampler_order` may reorder; the others (top_a, bias, penalties, DRY,
+# grammar) have fixed places before them.
+STAGES = frozenset(DEFAULT_ORDER)
 
 
 def apply_top_a(logits: npt.NDArray[np.float32], top_a: float) -> None:
@@ -126,7 +128,9 @@ class SeqSampler:
             else:
                 add(lc.llama_sampler_init_mirostat_v2(self.seed, p.mirostat_tau, p.mirostat_eta))
             return chain
-        for stage in p.sampler_order or DEFAULT_ORDER:
+        order = list(p.sampler_order or ())
+        order += [stage for stage in DEFAULT_ORDER if stage not in order]  # unlisted: after
+        for stage in order:
             self._add_stage(add, stage)
         add(lc.llama_sampler_init_dist(self.seed))
         return chain

@@ -8,13 +8,20 @@ generation record. Only the wire shapes differ; those live in chat.py / completi
 
 from __future__ import annotations
 
+import random
 import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from server import __version__
-from server.engine.types import GenerationHandle, GenerationRequest, SeqOutput, TokenLogprob
+from server.engine.types import (
+    Engine,
+    GenerationHandle,
+    GenerationRequest,
+    SeqOutput,
+    TokenLogprob,
+)
 from server.errors import (
     BadRequestError,
     ContextLengthError,
@@ -29,6 +36,14 @@ from server.serving.models import ModelService, ServedModel
 from server.serving.params import ignored_params, to_sampling_params
 
 FINGERPRINT = f"hostler-{__version__}"
+
+# Generation ids: unguessable enough for a local server, without a getrandom() syscall
+# per request (which is slow on some VMs).
+_ids = random.Random(secrets.randbits(128))
+
+
+def new_generation_id() -> str:
+    return f"gen-{_ids.getrandbits(96):024x}"
 
 
 @dataclass
@@ -133,6 +148,9 @@ class JobFactory:
     def __init__(self, models: ModelService, log: GenerationLog) -> None:
         self.models = models
         self.log = log
+        self._template_stops: dict[
+            tuple[str, tuple[str, ...]], tuple[tuple[str, ...], frozenset[int]]
+        ] = {}
 
     async def pick_model(self, request: SamplingFields) -> tuple[ServedModel, str]:
         names: list[str | None] = [request.model] if request.model else []
@@ -188,7 +206,7 @@ class JobFactory:
             )
         )
         record = GenerationRecord(
-            id="gen-" + secrets.token_urlsafe(18),
+            id=new_generation_id(),
             model=sub.model_name,
             referer=caller.get("referer"),
             title=caller.get("title"),
@@ -196,25 +214,34 @@ class JobFactory:
         ignored = ignored_params(request) + [p for p in sub.ignored if p]
         return Job(record.id, sub.model_name, served, handle, request.n, ignored, record, self.log)
 
-    @staticmethod
     def _stops(
-        served: ServedModel, request_stops: list[str], template_stops: tuple[str, ...]
+        self, served: ServedModel, request_stops: list[str], template_stops: tuple[str, ...]
     ) -> tuple[tuple[str, ...], frozenset[int]]:
         """Split stops into text to match and single control tokens to end on."""
         if any(not s for s in request_stops):
             raise BadRequestError("stop sequences must not be empty", param="stop")
-        engine = served.engine
-        text: list[str] = list(request_stops)
-        ids: set[int] = set()
-        for s in (*template_stops, *request_stops):
-            tokens = engine.tokenize(s, add_special=False)
-            if len(tokens) == 1 and engine.token_text(tokens[0]) == s and _is_control(s):
-                ids.add(tokens[0])
-                if s in text:
-                    text.remove(s)
-            elif s not in text and not _is_control(s):
-                text.append(s)
-        return tuple(text), frozenset(ids)
+        key = (served.spec.id, template_stops)
+        base = self._template_stops.get(key)
+        if base is None:  # the template's part is the same for every request: once
+            base = self._template_stops[key] = _split_stops(served.engine, template_stops)
+        if not request_stops:
+            return base
+        text, ids = _split_stops(served.engine, tuple(request_stops))
+        return tuple(dict.fromkeys((*text, *base[0]))), ids | base[1]
+
+
+def _split_stops(engine: Engine, stops: tuple[str, ...]) -> tuple[tuple[str, ...], frozenset[int]]:
+    """Stops that are one control token (e.g. `<|im_end|>`) end on that token id; the
+    others are matched as text."""
+    text: list[str] = []
+    ids: set[int] = set()
+    for s in stops:
+        tokens = engine.tokenize(s, add_special=False)
+        if len(tokens) == 1 and _is_control(s) and engine.token_text(tokens[0]) == s:
+            ids.add(tokens[0])
+        elif s not in text:
+            text.append(s)
+    return tuple(text), frozenset(ids)
 
 
 def _is_control(s: str) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.engine.sampling import STAGES
+from server.engine.sampling import DEFAULT_ORDER, STAGES
 from server.engine.types import SamplingParams
 from server.errors import BadRequestError
 from server.protocol.common import SamplingFields
@@ -46,8 +46,9 @@ def to_sampling_params(
         unknown = [s for s in request.sampler_order if s not in STAGES]
         if unknown:
             raise BadRequestError(
-                f"sampler_order: unknown stage(s) {', '.join(unknown)}; known: "
-                + ", ".join(sorted(STAGES)),
+                f"sampler_order: {', '.join(unknown)} cannot be ordered; the stages are "
+                + ", ".join(DEFAULT_ORDER)
+                + " (top_a, penalties and DRY have fixed places before them)",
                 param="sampler_order",
             )
         order = tuple(request.sampler_order)

@@ -230,3 +230,12 @@ def test_api_key(tmp_path: Path, stream: bool) -> None:
 def test_applied_openrouter_params_are_not_reported(api: Api, stream: bool) -> None:
     r, _ = api.chat({"response_format": {"type": "json_object"}, "transforms": []}, stream)
     assert "x-hostler-ignored-params" not in r.headers
+
+
+def test_sampler_order_names_the_orderable_stages(api: Api) -> None:
+    r, body = api.chat({"sampler_order": ["top_k", "penalties"]}, False)
+    assert r.status_code == 400 and body["error"]["param"] == "sampler_order"
+    assert "penalties" in body["error"]["message"] and "min_p" in body["error"]["message"]
+    r, _ = api.chat({"sampler_order": ["temperature", "min_p"]}, False)
+    assert r.status_code == 200
+    assert api.engine.requests[-1].params.sampler_order == ("temperature", "min_p")

