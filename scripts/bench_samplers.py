@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import importlib.util
 import math
+import os
 import statistics
 import sys
 import time
@@ -82,7 +83,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = p.parse_args()
     options = ContextOptions(n_ctx=4096, slots=1, n_threads=args.threads)
     engine = LlamaEngine(smollm2_path(), options)
