@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -103,49 +104,84 @@ async def one(
     return Result(ttft, tokens or chunks, time.perf_counter() - start)
 
 
-async def measure(t: Target, args: argparse.Namespace) -> dict[str, float]:
-    """One round of every metric against one server."""
-    out: dict[str, float] = {}
-    ban = {tok: -100.0 for tok in args.ban.split(",") if tok}
-    user = [{"role": "user", "content": QUESTION}]
-    async with httpx.AsyncClient(timeout=600) as client:
-        await one(client, t, user, 8, ban)  # warm-up
-        singles = [await one(client, t, user, args.tokens, ban) for _ in range(args.repeat)]
-        out["decode tok/s"] = statistics.median(r.decode_tps for r in singles)
-        out["TTFT ms"] = 1000 * statistics.median(r.ttft for r in singles)
-        for c in args.concurrency:
-            prompts = [[{"role": "user", "content": f"{QUESTION} (variant {i})"}] for i in range(c)]
-            start = time.perf_counter()
-            rs = await asyncio.gather(*(one(client, t, p, args.tokens, ban) for p in prompts))
-            wall = time.perf_counter() - start
-            out[f"aggregate tok/s @{c}"] = sum(r.tokens for r in rs) / wall
-        chat: list[dict[str, str]] = [{"role": "system", "content": "You are a storyteller. " * 40}]
-        ttfts = []
-        for turn in range(1, args.turns + 1):
-            chat.append({"role": "user", "content": f"Continue the story, part {turn}."})
-            r = await one(client, t, chat, 16, ban)
-            ttfts.append(r.ttft)
-            chat.append({"role": "assistant", "content": "The keeper climbed the stairs. " * 4})
-        out["TTFT turns 2-6 ms"] = 1000 * statistics.mean(ttfts[1:])
-    return out
+Sample = dict[str, float]
 
 
-def run_rounds(targets: list[Target], args: argparse.Namespace) -> None:
-    """Interleave the servers round by round (A B A B ...) so that drift in the machine's
-    speed hits all of them alike; each metric is the median over rounds."""
-    rounds: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
-    for i in range(args.rounds):
-        for t in targets:
-            if t.name in args.one_round and i > 0:
-                continue
-            print(f"round {i + 1}: {t.name} ...", file=sys.stderr)
-            result = asyncio.run(measure(t, args))
-            print(f"  {result}", file=sys.stderr)
-            rounds[t.name].append(result)
+async def sample_single(client: httpx.AsyncClient, t: Target, args: argparse.Namespace) -> Sample:
+    """One stream alone: decode speed and time to first token (the prompt is cached)."""
+    r = await one(client, t, [{"role": "user", "content": QUESTION}], args.tokens, args.ban_map)
+    return {"decode tok/s": r.decode_tps, "TTFT ms": 1000 * r.ttft}
+
+
+async def sample_aggregate(
+    client: httpx.AsyncClient, t: Target, args: argparse.Namespace, c: int, round_no: int
+) -> Sample:
+    """`c` streams at once, each with its own prompt: total tokens over wall time."""
+    prompts = [
+        [{"role": "user", "content": f"{QUESTION} (round {round_no}, variant {i})"}]
+        for i in range(c)
+    ]
+    start = time.perf_counter()
+    rs = await asyncio.gather(*(one(client, t, p, args.tokens, args.ban_map) for p in prompts))
+    return {f"aggregate tok/s @{c}": sum(r.tokens for r in rs) / (time.perf_counter() - start)}
+
+
+async def sample_turns(
+    client: httpx.AsyncClient, t: Target, args: argparse.Namespace, round_no: int
+) -> Sample:
+    """A growing chat: mean time to first token of turns 2..N (turn 1 fills the cache)."""
+    system = f"Story {round_no}. " + "You are a storyteller. " * 40
+    chat: list[dict[str, str]] = [{"role": "system", "content": system}]
+    ttfts = []
+    for turn in range(1, args.turns + 1):
+        chat.append({"role": "user", "content": f"Continue the story, part {turn}."})
+        r = await one(client, t, chat, 16, args.ban_map)
+        ttfts.append(r.ttft)
+        chat.append({"role": "assistant", "content": "The keeper climbed the stairs. " * 4})
+    return {f"TTFT turns 2-{args.turns} ms": 1000 * statistics.mean(ttfts[1:])}
+
+
+def run_rounds(targets: list[Target], args: argparse.Namespace) -> dict[str, list[float]]:
+    """Every sample is taken from each server in turn (A B A B ...), so the drift of a
+    shared machine's speed hits all servers alike; each metric is the median of its
+    samples, and each ratio the median of the ratios of samples taken side by side.
+    Servers in --one-round (slow peers) give one sample per metric."""
+    samples: dict[str, dict[str, list[float]]] = {t.name: {} for t in targets}
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=600) as client:
+            for t in targets:
+                await one(client, t, [{"role": "user", "content": QUESTION}], 8, args.ban_map)
+            kinds: list[tuple[str, Any]] = [("single", None)]
+            kinds += [("aggregate", c) for c in args.concurrency]
+            kinds += [("turns", None)]
+            for kind, c in kinds:
+                for i in range(args.rounds):
+                    for t in targets:
+                        if t.name in args.one_round and i > 0:
+                            continue
+                        if kind == "single":
+                            got = await sample_single(client, t, args)
+                        elif kind == "aggregate":
+                            got = await sample_aggregate(client, t, args, c, i)
+                        else:
+                            got = await sample_turns(client, t, args, i)
+                        print(f"{t.name} {got}", file=sys.stderr)
+                        for m, v in got.items():
+                            samples[t.name].setdefault(m, []).append(v)
+
+    asyncio.run(run())
     for t in targets:
-        for m in rounds[t.name][0]:
-            t.results[m] = statistics.median(r[m] for r in rounds[t.name])
+        t.results = {m: statistics.median(v) for m, v in samples[t.name].items()}
         t.results["failed requests"] = t.errors
+    # Paired ratios of the first target against each peer, over the rounds both ran.
+    ratios: dict[str, list[float]] = {}
+    first = samples[targets[0].name]
+    for peer in targets[1:]:
+        for m, values in samples[peer.name].items():
+            pairs = [a / b for a, b in zip(first[m], values, strict=False) if b]
+            ratios[f"{m}|{peer.name}"] = pairs
+    return ratios
 
 
 def free_port() -> int:
@@ -192,12 +228,11 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--ctx", type=int, default=8192)
     p.add_argument("--tokens", type=int, default=64, help="tokens each request decodes")
-    p.add_argument("--repeat", type=int, default=3)
     p.add_argument(
         "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8, 16]
     )
     p.add_argument("--turns", type=int, default=6)
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per server")
+    p.add_argument("--rounds", type=int, default=5, help="samples per metric per server")
     p.add_argument(
         "--one-round",
         default="llama-cpp-python",
@@ -206,6 +241,7 @@ def main() -> int:
     )
     p.add_argument("--ban", default="0,2", help="token ids banned with logit_bias (EOS/EOT)")
     args = p.parse_args()
+    args.ban_map = {tok: -100.0 for tok in args.ban.split(",") if tok}
 
     gguf = str(smollm2_path())
     log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
@@ -231,7 +267,7 @@ def main() -> int:
             # By default a new request cuts off the running one; queue them instead.
             cmd += ["--interrupt_requests", "false"]
             targets.append(start("llama-cpp-python", cmd, port, "smollm2", log_dir))
-        run_rounds(targets, args)
+        ratios = run_rounds(targets, args)
     finally:
         for t in targets:
             if t.proc is not None:
@@ -245,8 +281,10 @@ def main() -> int:
     print("|---" * len(header) + "|")
     for m in metrics:
         vals = [t.results.get(m, float("nan")) for t in targets]
-        ratios = [f"{vals[0] / v:.2f}x" if v else "-" for v in vals[1:]]
-        cells = [m, *(f"{v:.1f}" for v in vals), *ratios]
+        cells = [m, *(f"{v:.1f}" for v in vals)]
+        for peer in peers:
+            pairs = ratios.get(f"{m}|{peer.name}")
+            cells.append(f"{statistics.median(pairs):.2f}x" if pairs else "-")
         print("| " + " | ".join(cells) + " |")
     return 0
 

@@ -86,6 +86,10 @@ class CompletionJob:
                         logprobs=completion_logprobs(c.logprobs, len(echo)),
                     )
                 )
+        return self._body(choices, _sum_usage(self.jobs))
+
+    def _body(self, choices: list[CompletionChoice], usage: Usage | None) -> Completion:
+        """The response, or one stream chunk (the same object, as in OpenAI's API)."""
         first = self._first
         return Completion(
             id=first.id,
@@ -93,22 +97,14 @@ class CompletionJob:
             model=first.model_name,
             system_fingerprint=FINGERPRINT,
             choices=choices,
-            usage=_sum_usage(self.jobs),
+            usage=usage,
         )
 
     async def chunks(self) -> AsyncIterator[dict[str, Any]]:
-        first = self._first
         offsets = [0] * sum(j.n for j in self.jobs)
 
         def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> dict[str, Any]:
-            return Completion(
-                id=first.id,
-                created=first.created,
-                model=first.model_name,
-                system_fingerprint=FINGERPRINT,
-                choices=choices,
-                usage=usage,
-            ).model_dump(exclude_none=True)
+            return self._body(choices, usage).model_dump(exclude_none=True)
 
         def choice(p: int, o: SeqOutput) -> CompletionChoice:
             index = p * self.jobs[p].n + o.index
