@@ -20,6 +20,7 @@ from server.engine.types import SamplingParams
 Arr = npt.NDArray[np.float64]
 N_DRAWS = 20_000
 LOGITS = np.random.default_rng(42).normal(size=24) * 2.0
+BEST = int(np.argmax(LOGITS))
 
 
 class _Vocab:
@@ -117,6 +118,13 @@ def ref_penalties(x: Arr, history: list[int], rep: float, freq: float, pres: flo
     return out
 
 
+def ref_bias(x: Arr, bias: dict[int, float]) -> Arr:
+    out = x.copy()
+    for token, value in bias.items():
+        out[token] += value
+    return out
+
+
 def ref_dynatemp(x: Arr, t: float, delta: float, exponent: float) -> Arr:
     p = softmax(x)
     nz = p > 0
@@ -169,10 +177,8 @@ CASES: list[tuple[str, dict[str, Any], Callable[[Arr], Arr]]] = [
     ),
     (
         "logit_bias",
-        {"logit_bias": {3: 2.5, 7: -1.0, int(np.argmax(LOGITS)): float("-inf")}},
-        lambda x: x + np.isin(np.arange(len(x)), [3]) * 2.5
-        - np.isin(np.arange(len(x)), [7]) * 1.0
-        + np.where(np.arange(len(x)) == np.argmax(LOGITS), -np.inf, 0),
+        {"logit_bias": {3: 2.5, 7: -1.0, BEST: float("-inf")}},
+        lambda x: ref_bias(x, {3: 2.5, 7: -1.0, BEST: -np.inf}),
     ),
     (
         "dynamic temperature",
