@@ -18,7 +18,7 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         help_text = f"{field.description} (env HOSTLER_{name.upper()})"
-        if field.annotation is bool:
+        if field.annotation in (bool, bool | None):
             p.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )

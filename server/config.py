@@ -36,7 +36,9 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0, description="CPU threads for llama.cpp (0: one per core).")
     batch_size: int = Field(512, ge=32, description="Tokens per llama_decode step (n_batch).")
     max_models: int = Field(1, ge=1, description="Models kept loaded at once.")
-    flash_attn: bool = Field(False, description="Use flash attention (mainly for GPUs).")
+    flash_attn: bool | None = Field(
+        None, description="Flash attention on or off; unset lets llama.cpp decide (auto)."
+    )
     shutdown_grace: float = Field(
         30.0, ge=0, description="Seconds in-flight requests may finish after SIGTERM."
     )

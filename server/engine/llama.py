@@ -57,7 +57,7 @@ class ContextOptions:
     n_ubatch: int = 512
     n_threads: int = 0
     n_gpu_layers: int = 0
-    flash_attn: bool = False
+    flash_attn: bool | None = None  # None: llama.cpp's auto
 
 
 class LlamaModel:
@@ -82,8 +82,8 @@ class LlamaModel:
             cparams.n_threads_batch = options.n_threads
         cparams.kv_unified = True
         cparams.no_perf = True
-        if options.flash_attn:
-            cparams.flash_attn_type = 1
+        if options.flash_attn is not None:  # 1 enabled, 0 disabled; default -1 is auto
+            cparams.flash_attn_type = 1 if options.flash_attn else 0
         ctx = lc.llama_init_from_model(model, cparams)
         if not ctx:
             lc.llama_model_free(model)

@@ -24,7 +24,8 @@ SUPPORTED_PARAMETERS = [
     "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
     "dry_sequence_breakers", "xtc_threshold", "xtc_probability", "mirostat_mode",
     "mirostat_tau", "mirostat_eta", "dynatemp_range", "dynatemp_exponent", "top_n_sigma",
-    "sampler_order", "stream", "stream_options",
+    "sampler_order", "stream", "stream_options", "response_format", "structured_outputs",
+    "tools", "tool_choice", "transforms", "repetition_penalty_range",
 ]  # fmt: skip
 
 
