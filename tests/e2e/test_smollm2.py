@@ -65,16 +65,38 @@ def test_stop_string(client: OpenAI) -> None:
     assert text == full[: full.index(stop)]
 
 
+# llama.cpp's CPU kernels are not batch-invariant: where a sequence's KV cells sit and
+# which sequences share a step change float sums and Q8 activation rounding, moving
+# logits by up to ~0.2 nats. Greedy text may then differ where the top two tokens are
+# that close; cross-talk between slots shows up as a divergence at a clear winner.
+NEAR_TIE = 0.25
+
+
+def _greedy_tokens(client: OpenAI, prompt: str) -> list[tuple[str, float]]:
+    """A greedy stream's tokens, each with its margin over the runner-up (in nats)."""
+    out: list[tuple[str, float]] = []
+    args = {"model": "smollm2-135m", "max_tokens": 24, "temperature": 0, "logprobs": True}
+    for chunk in client.chat.completions.create(  # type: ignore[call-overload]
+        messages=[{"role": "user", "content": prompt}], stream=True, top_logprobs=2, **args
+    ):
+        for c in chunk.choices:
+            for lp in (c.logprobs.content if c.logprobs else None) or []:
+                top = lp.top_logprobs
+                out.append((lp.token, top[0].logprob - top[1].logprob))
+    return out
+
+
 def test_concurrent_greedy_streams_match_solo(client: OpenAI) -> None:
     prompts = [f"Name a colour and a number. Seed {i}." for i in range(4)]
-
-    def run(p: str) -> str:
-        return _stream_text(client, messages=[{"role": "user", "content": p}])[0]
-
-    solo = [run(p) for p in prompts]
+    solo = [_greedy_tokens(client, p) for p in prompts]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        together = list(pool.map(run, prompts))
-    assert together == solo
+        together = list(pool.map(lambda p: _greedy_tokens(client, p), prompts))
+    for alone, batched in zip(solo, together, strict=True):
+        a = [t for t, _ in alone]
+        b = [t for t, _ in batched]
+        if a != b:
+            i = next(k for k in range(min(len(a), len(b))) if a[k] != b[k])
+            assert alone[i][1] < NEAR_TIE, f"diverged at a clear winner: {a[:i]} {alone[i]}"
 
 
 def test_prefix_reuse_counts_cached_tokens(client: OpenAI) -> None:
