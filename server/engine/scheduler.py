@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import threading
@@ -467,17 +468,11 @@ def merge_steps(steps: list[list[SeqOutput]]) -> list[SeqOutput]:
     for outputs in steps:
         for o in outputs:
             m = merged.get(o.index)
-            if m is None:
-                merged[o.index] = SeqOutput(
-                    index=o.index,
-                    text=o.text,
+            if m is None:  # a copy: the lists below grow
+                merged[o.index] = dataclasses.replace(
+                    o,
                     token_ids=list(o.token_ids),
-                    logprobs=list(o.logprobs) if o.logprobs is not None else None,
-                    finish_reason=o.finish_reason,
-                    error=o.error,
-                    prompt_tokens=o.prompt_tokens,
-                    cached_tokens=o.cached_tokens,
-                    completion_tokens=o.completion_tokens,
+                    logprobs=None if o.logprobs is None else list(o.logprobs),
                 )
                 continue
             m.text += o.text

@@ -186,10 +186,9 @@ class CompletionService:
             ignored.append("best_of")
         jobs: list[Job] = []
         try:
-            for tokens in prompts:
-                # Budget every prompt before queueing any, so a bad one fails the request.
-                self.jobs.max_tokens(served, request, len(tokens), "prompt")
-            for tokens in prompts:
+            # Budget every prompt before queueing any, so a bad one fails the request.
+            budgets = [self.jobs.max_tokens(served, request, len(t), "prompt") for t in prompts]
+            for tokens, budget in zip(prompts, budgets, strict=True):
                 jobs.append(
                     self.jobs.submit(
                         request,
@@ -200,6 +199,7 @@ class CompletionService:
                             grammar=grammar,
                             ignored=tuple(ignored),
                             prompt_param="prompt",
+                            max_tokens=budget,
                         ),
                         caller,
                     )

@@ -140,6 +140,7 @@ class Submission:
     render_special: bool = False
     ignored: tuple[str, ...] = ()
     prompt_param: str = "messages"
+    max_tokens: int | None = None  # the budget, when the caller has already checked it
 
 
 class JobFactory:
@@ -191,7 +192,9 @@ class JobFactory:
     ) -> Job:
         served = sub.served
         info = served.engine.info
-        max_tokens = self.max_tokens(served, request, len(sub.prompt_tokens), sub.prompt_param)
+        max_tokens = sub.max_tokens or self.max_tokens(
+            served, request, len(sub.prompt_tokens), sub.prompt_param
+        )
         params = to_sampling_params(request, served.spec.defaults, info.n_vocab, sub.grammar)
         stop_text, stop_ids = self._stops(served, request.stop_list, sub.template_stops)
         handle = served.engine.submit(

@@ -107,7 +107,7 @@ def load_template(name: str | None, gguf_template: str | None) -> ChatTemplate:
         return ChatTemplate(name, preset_source(name), PRESETS[name])
     if gguf_template:
         try:
-            _ENV.from_string(gguf_template)
+            _compiled(gguf_template)
         except jinja2.TemplateError as exc:
             raise TemplateError(f"the model's chat template does not compile: {exc}") from exc
         return ChatTemplate("gguf", gguf_template, _guess_stops(gguf_template))

@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from server.api import create_app
 from server.config import load_settings
 from server.errors import ModelLoadError
+from server.protocol.chat import ChatCompletionChunk
 from tests.api.fake_engine import FakeEngine
 
 MODELS_YAML = """
@@ -76,6 +77,7 @@ def assemble(raw: str) -> dict[str, Any]:
         if "error" in chunk:
             error = chunk["error"]
             continue
+        ChatCompletionChunk.model_validate(chunk)  # chunks are built as dicts: check the shape
         model = chunk["model"]
         usage = chunk.get("usage") or usage
         for c in chunk["choices"]:
