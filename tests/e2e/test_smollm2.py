@@ -67,9 +67,10 @@ def test_stop_string(client: OpenAI) -> None:
 
 # llama.cpp's CPU kernels are not batch-invariant: where a sequence's KV cells sit and
 # which sequences share a step change float sums and Q8 activation rounding, moving
-# logits by up to ~0.2 nats. Greedy text may then differ where the top two tokens are
-# that close; cross-talk between slots shows up as a divergence at a clear winner.
-NEAR_TIE = 0.25
+# logits by up to ~0.3 nats (seen on SmolLM2 Q4_1). Greedy text may then differ where
+# the top two tokens are that close; cross-talk between slots shows up as a divergence
+# at a clear winner.
+NEAR_TIE = 0.5
 
 
 def _greedy_tokens(client: OpenAI, prompt: str) -> list[tuple[str, float]]:
