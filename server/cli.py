@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -22,8 +23,10 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
-        elif name == "cors_origins":
+        elif name in ("cors_origins", "allowed_hosts"):
             p.add_argument(flag, nargs="*", default=None, help=help_text)
+        elif name == "keys":
+            p.add_argument(flag, type=json.loads, default=None, help=help_text + " (JSON)")
         else:
             p.add_argument(flag, default=None, help=help_text)
 
@@ -80,7 +83,13 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
     )
-    server = uvicorn.Server(config)
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # From the first signal on, new requests get 503 while streams finish.
+            app.state.draining = True
+            super().handle_exit(sig, frame)
+
+    server = _Server(config)
     # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; with these handlers
     # in place that re-raise is a no-op, so a clean shutdown exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):

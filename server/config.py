@@ -6,12 +6,30 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from server.errors import ConfigError
 from server.registry.schema import ModelsFile, load_models_file
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+class ApiKey(BaseModel):
+    """One named API key with optional quotas (the `keys:` list of the `server:` block)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, description="Label shown by /api/v1/auth/key.")
+    key: str = Field(min_length=8, description="The secret, sent as 'Bearer <key>'.")
+    requests_per_minute: int | None = Field(
+        None, ge=1, description="Requests allowed in any 60 s window (429 beyond)."
+    )
+    tokens_per_day: int | None = Field(
+        None, ge=1, description="Prompt + completion tokens per 24 h window (429 beyond)."
+    )
 
 
 class Settings(BaseSettings):
@@ -29,6 +47,12 @@ class Settings(BaseSettings):
         None,
         description="If set, requests need 'Authorization: Bearer <key>' (/health stays open).",
     )
+    keys: list[ApiKey] = Field(
+        [],
+        description="Named API keys with optional quotas, as a JSON/YAML list of"
+        " {name, key, requests_per_minute, tokens_per_day}; any of them (or api_key) is"
+        " accepted.",
+    )
     slots: int | None = Field(
         None, ge=1, le=64, description="Parallel sequences per model (default 4 on CPU, 8 on GPU)."
     )
@@ -45,8 +69,29 @@ class Settings(BaseSettings):
     keepalive: float = Field(
         5.0, gt=0, description="Seconds between ': HOSTLER PROCESSING' SSE comments."
     )
-    cors_origins: list[str] = Field(["*"], description="Origins allowed by CORS.")
+    cors_origins: list[str] = Field(
+        [],
+        description="Browser origins allowed to call the API (CORS), e.g."
+        " http://localhost:3000; none by default, '*' for any.",
+    )
+    allowed_hosts: list[str] | None = Field(
+        None,
+        description="Host header values accepted (DNS-rebinding guard); default: loopback"
+        " names when bound to loopback, any otherwise; '*' for any.",
+    )
+    max_body_mb: float = Field(
+        8.0, gt=0, description="Largest request body in MiB (413 beyond, before parsing)."
+    )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+
+    @property
+    def hosts(self) -> list[str] | None:
+        """Host names to accept, or None for any."""
+        if self.allowed_hosts is not None:
+            return None if "*" in self.allowed_hosts else self.allowed_hosts
+        if self.host in LOOPBACK_HOSTS:
+            return list(LOOPBACK_HOSTS)
+        return None
 
 
 class _YamlServerBlock(PydanticBaseSettingsSource):

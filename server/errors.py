@@ -52,6 +52,16 @@ class AuthenticationError(HostlerError):
     type = "authentication_error"
 
 
+class ForbiddenError(HostlerError):
+    status = 403
+    type = "permission_error"
+
+
+class PayloadTooLargeError(HostlerError):
+    status = 413
+    type = "invalid_request_error"
+
+
 class NotFoundError(HostlerError):
     status = 404
     type = "not_found_error"
@@ -64,6 +74,10 @@ class ModelNotFoundError(NotFoundError):
 class QueueFullError(HostlerError):
     status = 429
     type = "rate_limit_error"
+
+
+class RateLimitError(QueueFullError):
+    """A key's request rate or token quota is used up."""
 
 
 class ServiceUnavailableError(HostlerError):

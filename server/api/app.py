@@ -8,10 +8,15 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from server import __version__
 from server.api import errors
 from server.api.deps import require_key
+from server.api.guard import Guard
+from server.api.keys import KeyRing
+from server.api.metrics import CONTENT_TYPE, CountRequests, Metrics
 from server.api.routes import chat, completions, health, models, openrouter
 from server.config import Settings
 from server.engine.pool import ModelPool
@@ -21,7 +26,7 @@ from server.serving.chat import ChatService
 from server.serving.completions import CompletionService
 from server.serving.generations import GenerationLog
 from server.serving.job import JobFactory
-from server.serving.models import ModelService, make_loader
+from server.serving.models import ModelService, make_check, make_loader
 
 log = logging.getLogger("hostler")
 
@@ -36,12 +41,18 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = ModelPool(loader or make_loader(registry, settings), settings.max_models)
+        pool = ModelPool(
+            loader or make_loader(registry, settings),
+            settings.max_models,
+            check=None if loader else make_check(registry),
+        )
         model_service = ModelService(registry, pool, settings.model)
         generations = GenerationLog()
-        app.state.settings = settings
+        metrics = Metrics(lambda: pool)
+        generations.listeners.append(metrics.generation)
         app.state.models = model_service
         app.state.generations = generations
+        app.state.metrics = metrics
         jobs = JobFactory(model_service, generations)
         app.state.chat = ChatService(jobs)
         app.state.completions = CompletionService(jobs)
@@ -54,15 +65,35 @@ def create_app(
         finally:
             pool.close()
 
-    app = FastAPI(title="Hostler", version=__version__, lifespan=lifespan)
-    errors.install(app)
-    app.add_middleware(
-        CORSMiddleware,
-        allow_origins=settings.cors_origins,
-        allow_methods=["*"],
-        allow_headers=["*"],
-        expose_headers=["X-Hostler-Ignored-Params"],
+    # The docs need the key too when one is set: served below, behind it.
+    app = FastAPI(
+        title="Hostler",
+        version=__version__,
+        lifespan=lifespan,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
+    app.state.settings = settings
+    app.state.keys = KeyRing(settings)
+    app.state.draining = False
+    errors.install(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=["X-Hostler-Ignored-Params"],
+        )
+    app.add_middleware(
+        Guard,
+        hosts=settings.hosts,
+        origins=settings.cors_origins,
+        max_body=int(settings.max_body_mb * 2**20),
+        draining=lambda: bool(app.state.draining),
+    )
+    app.add_middleware(CountRequests, metrics=lambda: getattr(app.state, "metrics", None))
     api = APIRouter(dependencies=[Depends(require_key)])
     api.include_router(chat.router)
     api.include_router(completions.router)
@@ -72,4 +103,24 @@ def create_app(
     app.include_router(api, prefix="/v1")
     app.include_router(api, prefix="/api/v1")
     app.include_router(health.router)
+    app.include_router(_service_routes(app))
     return app
+
+
+def _service_routes(app: FastAPI) -> APIRouter:
+    """/metrics and the API docs, behind the key like the API itself."""
+    router = APIRouter(dependencies=[Depends(require_key)], include_in_schema=False)
+
+    @router.get("/metrics")
+    async def metrics() -> Response:
+        return Response(app.state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @router.get("/openapi.json")
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @router.get("/docs")
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="Hostler API")
+
+    return router

@@ -6,13 +6,12 @@ per dependency per request.
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from server.api.keys import KeyRing, KeyState
 from server.config import Settings
-from server.errors import AuthenticationError
 from server.serving.chat import ChatService
 from server.serving.completions import CompletionService
 from server.serving.generations import GenerationLog
@@ -59,11 +58,12 @@ def bearer_token(request: Request) -> str | None:
     return request.headers.get("x-api-key")
 
 
-async def require_key(request: Request, settings: SettingsDep) -> None:
-    if not settings.api_key:
-        return
-    token = bearer_token(request)
-    if token is None:
-        raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'")
-    if not hmac.compare_digest(token.encode(), settings.api_key.encode()):
-        raise AuthenticationError("invalid API key")
+async def require_key(request: Request) -> KeyState:
+    """The caller's key (every route but /health); 401 when a key is needed and wrong."""
+    keys: KeyRing = request.app.state.keys
+    state = keys.authenticate(bearer_token(request))
+    request.state.key = state
+    return state
+
+
+KeyDep = Annotated[KeyState, Depends(require_key)]

@@ -10,8 +10,10 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from server.api.keys import KeyState
 from server.api.sse import sse_response
 from server.config import Settings
+from server.serving.job import Caller
 
 T = TypeVar("T")
 
@@ -24,13 +26,18 @@ class StartedJob(Protocol):
 
     def chunks(self) -> AsyncIterator[dict[str, Any]]: ...
 
+    def cancel(self) -> None: ...
 
-def caller_of(request: Request) -> dict[str, str | None]:
-    """The app attribution headers OpenRouter records with each generation."""
-    return {
-        "referer": request.headers.get("http-referer"),
-        "title": request.headers.get("x-title"),
-    }
+
+def caller_of(request: Request, key: KeyState) -> Caller:
+    """Count the request against its key's rate (429 beyond), and name who sent it:
+    the app attribution headers OpenRouter records with each generation."""
+    key.admit()
+    return Caller(
+        referer=request.headers.get("http-referer"),
+        title=request.headers.get("x-title"),
+        on_usage=None if key.spec is None else key.add_tokens,
+    )
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
@@ -63,6 +70,7 @@ async def job_response(
             job.chunks(),
             keepalive=settings.keepalive,
             grace=settings.shutdown_grace,
+            cancel=job.cancel,
             headers=headers,
         )
     result = await until_disconnected(request, job.complete())

@@ -98,6 +98,7 @@ class LlamaModel:
         self._eog = np.zeros(self.n_vocab, dtype=bool)
         for tok in range(self.n_vocab):
             self._eog[tok] = bool(lc.llama_vocab_is_eog(self.vocab, tok))
+        self.eog_ids = np.flatnonzero(self._eog)
         self.info = self._read_info()
 
     # -- metadata -----------------------------------------------------------------
@@ -130,6 +131,7 @@ class LlamaModel:
             n_params=int(lc.llama_model_n_params(self.model)),
             gpu_offload=self.options.n_gpu_layers != 0 and bool(lc.llama_supports_gpu_offload()),
             slots=self.options.slots,
+            bos_id=bos,
         )
 
     # -- tokens ---------------------------------------------------------------------
@@ -168,6 +170,17 @@ class LlamaModel:
             buf = ctypes.create_string_buffer(-n)
             n = lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
+
+    def grammar_error(self, grammar: str) -> str | None:
+        """None if llama.cpp compiles `grammar` for this vocabulary, else why not.
+
+        Only call with a grammar that passed `check_grammar_shape`: the parser recurses.
+        """
+        sampler = lc.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
+        if not sampler:
+            return "llama.cpp rejected the grammar (see the server log for where)"
+        lc.llama_sampler_free(sampler)
+        return None
 
     def is_eog(self, token: int) -> bool:
         return bool(self._eog[token])

@@ -1,22 +1,37 @@
-"""Loaded engines by model id: load on first use, keep up to `max_models`, unload idle ones."""
+"""Loaded engines by model id: load on first use, keep up to `max_models`, unload idle ones.
+
+A model that cannot load never costs the ones that can: the cheap checks (is the file
+there, does it verify) run before anything is evicted, and if loading itself fails
+after an eviction, the evicted models are loaded again.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 
 from server.engine.types import Engine
 from server.errors import ServiceUnavailableError
 
+log = logging.getLogger("hostler.pool")
+
 
 class ModelPool:
-    def __init__(self, loader: Callable[[str], Engine], max_models: int = 1) -> None:
+    def __init__(
+        self,
+        loader: Callable[[str], Engine],
+        max_models: int = 1,
+        check: Callable[[str], None] | None = None,
+    ) -> None:
         self._loader = loader
+        self._check = check
         self._max = max_models
         self._engines: dict[str, Engine] = {}
         self._used: dict[str, float] = {}
         self._lock = asyncio.Lock()
+        self.loads = 0
 
     @property
     def loaded(self) -> dict[str, Engine]:
@@ -28,13 +43,30 @@ class ModelPool:
             async with self._lock:
                 engine = self._engines.get(model_id)
                 if engine is None:
-                    await self._make_room()
-                    engine = await asyncio.to_thread(self._loader, model_id)
-                    self._engines[model_id] = engine
+                    engine = await self._load(model_id)
         self._used[model_id] = time.monotonic()
         return engine
 
-    async def _make_room(self) -> None:
+    async def _load(self, model_id: str) -> Engine:
+        if self._check is not None:
+            await asyncio.to_thread(self._check, model_id)  # raises before any eviction
+        evicted = await self._make_room()
+        try:
+            engine = await asyncio.to_thread(self._loader, model_id)
+        except BaseException:
+            for victim in evicted:  # leave the pool as it was
+                try:
+                    self._engines[victim] = await asyncio.to_thread(self._loader, victim)
+                    self.loads += 1
+                except Exception:
+                    log.exception("could not reload model %s", victim)
+            raise
+        self._engines[model_id] = engine
+        self.loads += 1
+        return engine
+
+    async def _make_room(self) -> list[str]:
+        evicted: list[str] = []
         while len(self._engines) >= self._max:
             idle = [k for k, e in self._engines.items() if not e.busy]
             if not idle:
@@ -45,6 +77,8 @@ class ModelPool:
             victim = min(idle, key=lambda k: self._used.get(k, 0.0))
             engine = self._engines.pop(victim)
             await asyncio.to_thread(engine.close)
+            evicted.append(victim)
+        return evicted
 
     def close(self) -> None:
         for engine in self._engines.values():

@@ -49,16 +49,42 @@ def apply_top_a(logits: npt.NDArray[np.float32], top_a: float) -> None:
     logits[probs < top_a * p_max * p_max] = -np.inf
 
 
+class GrammarDeadEnd(Exception):
+    """No token is allowed: the grammar and the request's bans exclude every one.
+
+    `complete` is true when the grammar would accept end-of-generation (the document
+    is finished and only a ban on EOS, `ignore_eos` or `min_tokens` kept it going).
+    """
+
+    def __init__(self, complete: bool) -> None:
+        super().__init__("no token satisfies both the grammar and the request's bans")
+        self.complete = complete
+
+
 class SeqSampler:
-    """One sequence's sampler: a llama sampler chain plus numpy pre-processing."""
+    """One sequence's sampler: a llama sampler chain plus numpy pre-processing.
+
+    With a grammar the chain is split in three (bias/penalties/DRY, the grammar, the
+    rest) and applied step by step on our own candidate array: llama.cpp aborts the
+    process when a token the grammar rejects is accepted, which happens whenever every
+    token it allows was banned. Here such a dead end is detected before anything is
+    accepted. min_tokens and top_a then run after the grammar, on what it allows.
+    """
 
     def __init__(self, model: LlamaModel, params: SamplingParams, seed: int | None) -> None:
         self.model = model
         self.params = params
-        self.seed = seed if seed is not None else random.getrandbits(32)
+        self.seed = (seed if seed is not None else random.getrandbits(32)) & 0xFFFFFFFF
         self._keep: list[object] = []  # ctypes buffers the chain points into
-        self.chain = self._build()
-        self._eog_ids = np.flatnonzero(model._eog)
+        self.head: Any = None  # with a grammar: bias, penalties and DRY
+        self.grammar: Any = None
+        self._candidates: Any = None
+        try:
+            self.chain = self._build()
+        except BaseException:
+            self._free_parts()
+            raise
+        self._eog_ids = model.eog_ids
         self._pre: list[Callable[[npt.NDArray[np.float32], int], None]] = []
         if params.min_tokens > 0:
             self._pre.append(self._suppress_eog_until_min)
@@ -72,9 +98,22 @@ class SeqSampler:
         m = self.model
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         add: Callable[[object], None] = lambda s: lc.llama_sampler_chain_add(chain, s)  # noqa: E731
+        if p.grammar:
+            grammar = lc.llama_sampler_init_grammar(m.vocab, p.grammar.encode(), b"root")
+            if not grammar:
+                lc.llama_sampler_free(chain)
+                raise ValueError("invalid grammar")
+            self.grammar = grammar
+            self.head = chain
+            n = m.n_vocab
+            self._candidates = (lc.llama_token_data * n)()
+            self._view = np.frombuffer(memoryview(self._candidates), dtype=TOKEN_DATA)
+            self._ids = np.arange(n, dtype=np.int32)
+            chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+            add = lambda s: lc.llama_sampler_chain_add(self.head, s)  # noqa: E731
         bias = dict(p.logit_bias)
         if p.ignore_eos:
-            for eog in np.flatnonzero(m._eog):
+            for eog in m.eog_ids:
                 bias[int(eog)] = -math.inf
         if bias:
             arr = (lc.llama_logit_bias * len(bias))()
@@ -107,12 +146,7 @@ class SeqSampler:
                     len(breakers),
                 )
             )
-        if p.grammar:
-            grammar = lc.llama_sampler_init_grammar(m.vocab, p.grammar.encode(), b"root")
-            if not grammar:
-                lc.llama_sampler_free(chain)
-                raise ValueError("invalid grammar")
-            add(grammar)
+        add = lambda s: lc.llama_sampler_chain_add(chain, s)  # noqa: E731
         if p.greedy:
             add(lc.llama_sampler_init_greedy())
             return chain
@@ -164,19 +198,61 @@ class SeqSampler:
             row[self._eog_ids] = -np.inf
 
     def sample(self, index: int, n_generated: int) -> tuple[int, TokenLogprob | None]:
-        """Pick the next token from batch position `index`; the chain accepts it."""
+        """Pick the next token from batch position `index`; the chain accepts it.
+
+        Raises GrammarDeadEnd (nothing accepted) when a grammar leaves no token.
+        """
         logprob: TokenLogprob | None = None
         raw: npt.NDArray[np.float32] | None = None
-        if self._pre or self.wants_logprobs:
+        if self.grammar is not None:
             row = self.model.logits_row(index)
             if self.wants_logprobs:
                 raw = row.copy()
-            for fn in self._pre:
-                fn(row, n_generated)
-        token = int(lc.llama_sampler_sample(self.chain, self.model.ctx, index))
+            token = self._pick_constrained(row, n_generated)
+            self.accept(token)
+        else:
+            if self._pre or self.wants_logprobs:
+                row = self.model.logits_row(index)
+                if self.wants_logprobs:
+                    raw = row.copy()
+                for fn in self._pre:
+                    fn(row, n_generated)
+            token = int(lc.llama_sampler_sample(self.chain, self.model.ctx, index))
         if raw is not None:
             logprob = self._logprob(raw, token)
         return token, logprob
+
+    def _pick_constrained(self, row: npt.NDArray[np.float32], n_generated: int) -> int:
+        """Head, grammar, pre-steps, dead-end check, then the rest of the chain."""
+        view = self._view
+        view["id"] = self._ids  # the tail's stages sort in place: reset every step
+        view["logit"] = row
+        view["p"] = 0.0
+        n = len(view)
+        cur = lc.llama_token_data_array(data=self._candidates, size=n, selected=-1, sorted=False)
+        ref = ctypes.byref(cur)
+        lc.llama_sampler_apply(self.head, ref)
+        lc.llama_sampler_apply(self.grammar, ref)
+        # Head and grammar only mask (no sort, no resize): index == token id still.
+        logits = view["logit"]
+        for fn in self._pre:
+            fn(logits, n_generated)
+        if not np.isfinite(logits).any():
+            raise GrammarDeadEnd(self._grammar_accepts_end())
+        lc.llama_sampler_apply(self.chain, ref)
+        # Read through cur.data: a stage may move the pointer (XTC drops the head).
+        return int(cur.data[cur.selected].id)
+
+    def _grammar_accepts_end(self) -> bool:
+        eog = self.model.eog_ids
+        if eog.size == 0:
+            return False
+        one = (lc.llama_token_data * 1)()
+        one[0].id = int(eog[0])
+        one[0].logit = 0.0
+        cur = lc.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
+        lc.llama_sampler_apply(self.grammar, ctypes.byref(cur))
+        return math.isfinite(one[0].logit)
 
     def sample_logits(self, logits: npt.NDArray[np.float32], n_generated: int = 0) -> int:
         """Pick a token from a given logits row with this same chain, without a context.
@@ -186,6 +262,8 @@ class SeqSampler:
         against its definition on fixed logits.
         """
         row = np.array(logits, dtype=np.float32)
+        if self.grammar is not None:
+            return self._pick_constrained(row, n_generated)
         for fn in self._pre:
             fn(row, n_generated)
         n = len(row)
@@ -201,6 +279,9 @@ class SeqSampler:
 
     def accept(self, token: int) -> None:
         """Record `token` as generated (penalties, DRY, grammar and mirostat keep state)."""
+        if self.grammar is not None:
+            lc.llama_sampler_accept(self.head, token)
+            lc.llama_sampler_accept(self.grammar, token)
         lc.llama_sampler_accept(self.chain, token)
 
     def _logprob(self, raw: npt.NDArray[np.float32], token: int) -> TokenLogprob:
@@ -225,6 +306,14 @@ class SeqSampler:
         )
 
     def close(self) -> None:
-        if self.chain is not None:
+        if getattr(self, "chain", None) is not None:
             lc.llama_sampler_free(self.chain)
             self.chain = None
+        self._free_parts()
+
+    def _free_parts(self) -> None:
+        for name in ("head", "grammar"):
+            part = getattr(self, name)
+            if part is not None:
+                lc.llama_sampler_free(part)
+                setattr(self, name, None)

@@ -26,7 +26,7 @@ import numpy as np
 
 from server.engine.detokenizer import TextStream
 from server.engine.llama import Batch, ContextOptions, LlamaModel
-from server.engine.sampling import SeqSampler
+from server.engine.sampling import GrammarDeadEnd, SeqSampler
 from server.engine.types import (
     FinishReason,
     GenerationRequest,
@@ -34,7 +34,7 @@ from server.engine.types import (
     SeqOutput,
     TokenLogprob,
 )
-from server.errors import QueueFullError, ServiceUnavailableError
+from server.errors import BadRequestError, QueueFullError, ServiceUnavailableError
 
 log = logging.getLogger("hostler.engine")
 
@@ -151,8 +151,14 @@ class LlamaEngine:
     def token_text(self, token_id: int) -> str:
         return self.model.special_text(token_id)
 
+    def grammar_error(self, grammar: str) -> str | None:
+        return self.model.grammar_error(grammar)
+
     def submit(self, request: GenerationRequest) -> _Handle:
         """Queue a request; raises QueueFullError when the wait queue is full."""
+        if not request.prompt_tokens:
+            # Nothing to decode: the slot would never produce logits to sample from.
+            raise BadRequestError("the prompt is empty", param="prompt")
         if self._fatal:
             raise ServiceUnavailableError(f"the engine stopped: {self._fatal}")
         if self._stopping:
@@ -353,7 +359,14 @@ class LlamaEngine:
     def _sample(self, seq: _Seq, idx: int) -> SeqOutput | None:
         assert seq.sampler is not None
         req = seq.request
-        token, logprob = seq.sampler.sample(idx, len(seq.generated))
+        try:
+            token, logprob = seq.sampler.sample(idx, len(seq.generated))
+        except GrammarDeadEnd as exc:
+            # A finished document whose end was banned ends here; otherwise the bans
+            # excluded everything the grammar allows, which no token can satisfy.
+            if exc.complete:
+                return self._finish(seq, "stop")
+            return self._finish(seq, "error", str(exc))
         self.stats["tokens"] += 1
         seq.generated.append(token)
         seq.next_token = token

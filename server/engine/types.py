@@ -103,6 +103,8 @@ class ModelInfo:
     n_params: int
     gpu_offload: bool
     slots: int
+    bos_id: int = -1
+    """The BOS token's id, -1 when the vocabulary has none."""
 
 
 class GenerationHandle(Protocol):
@@ -121,6 +123,10 @@ class Engine(Protocol):
     def tokenize(self, text: str, *, add_special: bool) -> list[int]: ...
 
     def token_text(self, token_id: int) -> str: ...
+
+    def grammar_error(self, grammar: str) -> str | None:
+        """None if `grammar` (already bounded in size and depth) compiles, else why not."""
+        ...
 
     def submit(self, request: GenerationRequest) -> GenerationHandle: ...
 

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Bounds on what one request may ask for, checked before anything is allocated. Windows
+# (penalty ranges) are further bounded by the model's context in serving/params.py.
+INT32_MAX = 2**31 - 1
+MAX_STOPS = 16
+MAX_STOP_CHARS = 1_000
+MAX_LOGIT_BIAS = 1_024
+MAX_BREAKERS = 64
+MAX_BREAKER_CHARS = 64
+MAX_MODELS = 16
+_TOKEN_ID = re.compile(r"-?[0-9]{1,10}")
 
 
 class PromptTokensDetails(BaseModel):
@@ -69,25 +81,27 @@ class ResponseFormat(BaseModel):
 class SamplingFields(BaseModel):
     """Generation parameters common to chat and text completions (OpenAI + OpenRouter)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    model: str | None = None
-    models: list[str] | None = Field(None, description="OpenRouter fallback list.")
+    model: str | None = Field(None, max_length=256)
+    models: list[str] | None = Field(
+        None, max_length=MAX_MODELS, description="OpenRouter fallback list."
+    )
     route: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=INT32_MAX)
     min_p: float | None = Field(None, ge=0, le=1)
     top_a: float | None = Field(None, ge=0, le=1)
     typical_p: float | None = Field(None, gt=0, le=1)
-    top_n_sigma: float | None = Field(None, ge=0)
+    top_n_sigma: float | None = Field(None, ge=0, le=1000)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=2)
-    repetition_penalty_range: int | None = Field(None, ge=-1)
-    seed: int | None = None
+    repetition_penalty_range: int | None = Field(None, ge=-1, le=INT32_MAX)
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
@@ -96,38 +110,51 @@ class SamplingFields(BaseModel):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    min_tokens: int | None = Field(None, ge=0)
+    min_tokens: int | None = Field(None, ge=0, le=INT32_MAX)
     ignore_eos: bool | None = None
-    dry_multiplier: float | None = Field(None, ge=0)
-    dry_base: float | None = Field(None, ge=1)
-    dry_allowed_length: int | None = Field(None, ge=0)
-    dry_penalty_last_n: int | None = Field(None, ge=-1)
-    dry_sequence_breakers: list[str] | None = None
+    dry_multiplier: float | None = Field(None, ge=0, le=100)
+    dry_base: float | None = Field(None, ge=1, le=100)
+    dry_allowed_length: int | None = Field(None, ge=0, le=INT32_MAX)
+    dry_penalty_last_n: int | None = Field(None, ge=-1, le=INT32_MAX)
+    dry_sequence_breakers: list[str] | None = Field(None, max_length=MAX_BREAKERS)
     xtc_threshold: float | None = Field(None, ge=0, le=1)
     xtc_probability: float | None = Field(None, ge=0, le=1)
     mirostat_mode: int | None = Field(None, ge=0, le=2)
-    mirostat_tau: float | None = Field(None, ge=0)
-    mirostat_eta: float | None = Field(None, ge=0)
-    dynatemp_range: float | None = Field(None, ge=0)
-    dynatemp_exponent: float | None = Field(None, ge=0)
-    sampler_order: list[str] | None = None
-    transforms: list[str] | None = None
+    mirostat_tau: float | None = Field(None, ge=0, le=1000)
+    mirostat_eta: float | None = Field(None, ge=0, le=1000)
+    dynatemp_range: float | None = Field(None, ge=0, le=100)
+    dynatemp_exponent: float | None = Field(None, ge=0, le=100)
+    sampler_order: list[str] | None = Field(None, max_length=32)
+    transforms: list[str] | None = Field(None, max_length=16)
     provider: dict[str, Any] | None = None
     user: str | None = None
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and len(v) > 16:
-            raise ValueError("at most 16 stop sequences")
+        stops = [v] if isinstance(v, str) else v or []
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence may be at most {MAX_STOP_CHARS} characters")
+        return v
+
+    @field_validator("dry_sequence_breakers")
+    @classmethod
+    def _breakers(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and any(len(b) > MAX_BREAKER_CHARS for b in v):
+            raise ValueError(f"a sequence breaker may be at most {MAX_BREAKER_CHARS} characters")
         return v
 
     @field_validator("logit_bias")
     @classmethod
     def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None and len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
         for key, val in (v or {}).items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"key '{key}' is not a token id")
+            # ASCII digits only: str.isdigit() also accepts '²', which int() rejects.
+            if not _TOKEN_ID.fullmatch(key):
+                raise ValueError(f"key {key[:20]!r} is not a token id")
             if not -100 <= val <= 100:
                 raise ValueError(f"bias for token {key} must be between -100 and 100")
         return v

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,10 +19,10 @@ from server.protocol.chat import (
     ToolCall,
 )
 from server.protocol.common import ChoiceLogprobs, TokenLogprob, TopLogprob
-from server.serving.job import FINGERPRINT, Job, JobFactory, Submission
+from server.serving.job import FINGERPRINT, Caller, Job, JobFactory, Submission
 from server.serving.models import ServedModel
 from server.serving.prompt import Prompt, build_prompt
-from server.serving.structured import response_grammar
+from server.serving.structured import check_grammar, response_grammar
 from server.serving.tools import ToolCallStream, ToolPlan, plan_tools
 from server.serving.transforms import middle_out, middle_out_enabled
 from server.templates import ChatTemplate
@@ -51,6 +52,9 @@ class ChatJob:
     @property
     def ignored(self) -> list[str]:
         return self.job.ignored
+
+    def cancel(self) -> None:
+        self.job.handle.cancel()
 
     def _tool_stream(self) -> ToolCallStream | None:
         if self.tools is None or not self.tools.parse:
@@ -152,22 +156,14 @@ class ChatService:
     def __init__(self, jobs: JobFactory) -> None:
         self.jobs = jobs
 
-    async def start(self, request: ChatCompletionRequest, caller: dict[str, str | None]) -> ChatJob:
+    async def start(self, request: ChatCompletionRequest, caller: Caller) -> ChatJob:
         """Check everything that can fail up front, then queue the request in the engine."""
         served, name = await self.jobs.pick_model(request)
-        template = served.template
-        if request.template:
-            template = self.jobs.models.template(served.spec, served.engine, request.template)
-        tools = plan_tools(request.tools, request.tool_choice, template)
-        grammar = response_grammar(request.response_format)
-        if tools is not None and tools.grammar is not None:
-            if grammar is not None:
-                raise BadRequestError(
-                    "response_format cannot be combined with a forced tool_choice",
-                    param="response_format",
-                )
-            grammar = tools.grammar
-        prompt = self._prompt(served, template, request, tools)
+        # Rendering, tokenizing and compiling a grammar can take a while for a large
+        # request: off the event loop, so that other requests' streams keep flowing.
+        template, tools, grammar, prompt = await asyncio.to_thread(
+            self._prepare, served, request
+        )
         job = self.jobs.submit(
             request,
             Submission(
@@ -181,6 +177,26 @@ class ChatService:
             caller,
         )
         return ChatJob(job, tools)
+
+    def _prepare(
+        self, served: ServedModel, request: ChatCompletionRequest
+    ) -> tuple[ChatTemplate, ToolPlan | None, str | None, Prompt]:
+        template = served.template
+        if request.template:
+            template = self.jobs.models.template(served.spec, served.engine, request.template)
+        tools = plan_tools(request.tools, request.tool_choice, template)
+        grammar = response_grammar(request.response_format)
+        param = "response_format"
+        if tools is not None and tools.grammar is not None:
+            if grammar is not None:
+                raise BadRequestError(
+                    "response_format cannot be combined with a forced tool_choice",
+                    param="response_format",
+                )
+            grammar, param = tools.grammar, "tools"
+        if grammar is not None:
+            check_grammar(served.engine, grammar, param)
+        return template, tools, grammar, self._prompt(served, template, request, tools)
 
     def _prompt(
         self,

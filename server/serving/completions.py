@@ -22,10 +22,10 @@ from server.protocol.completions import (
     CompletionLogprobs,
     CompletionRequest,
 )
-from server.serving.job import FINGERPRINT, Job, JobFactory, Submission
+from server.serving.job import FINGERPRINT, Caller, Job, JobFactory, Submission
 from server.serving.models import ServedModel
 from server.serving.prompt import tokenize_prompt
-from server.serving.structured import response_grammar
+from server.serving.structured import check_grammar, response_grammar
 from server.serving.transforms import middle_out_enabled, middle_out_tokens
 
 
@@ -67,6 +67,10 @@ class CompletionJob:
     @property
     def ignored(self) -> list[str]:
         return self.jobs[0].ignored
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            job.handle.cancel()
 
     @property
     def _first(self) -> Job:
@@ -171,14 +175,11 @@ class CompletionService:
         self.jobs = jobs
 
     async def start(
-        self, request: CompletionRequest, caller: dict[str, str | None]
+        self, request: CompletionRequest, caller: Caller
     ) -> CompletionJob:
         served, name = await self.jobs.pick_model(request)
-        grammar = response_grammar(request.response_format)
-        prompts = [self._tokens(served, p) for p in request.prompts]
-        if middle_out_enabled(request.transforms):
-            budget = served.engine.info.n_ctx - (request.requested_max_tokens or 1)
-            prompts = [middle_out_tokens(t, max(budget, 1)) for t in prompts]
+        # Tokenizing large prompts and compiling a grammar: off the event loop.
+        grammar, prompts = await asyncio.to_thread(self._prepare, served, request)
         ignored: list[str] = []
         if request.suffix is not None:
             ignored.append("suffix")  # no infill: the text after the gap is not used
@@ -210,6 +211,18 @@ class CompletionService:
             raise
         echoes = [self._echo(served, p) if request.echo else "" for p in request.prompts]
         return CompletionJob(jobs, echoes)
+
+    def _prepare(
+        self, served: ServedModel, request: CompletionRequest
+    ) -> tuple[str | None, list[list[int]]]:
+        grammar = response_grammar(request.response_format)
+        if grammar is not None:
+            check_grammar(served.engine, grammar, "response_format")
+        prompts = [self._tokens(served, p) for p in request.prompts]
+        if middle_out_enabled(request.transforms):
+            budget = served.engine.info.n_ctx - (request.requested_max_tokens or 1)
+            prompts = [middle_out_tokens(t, max(budget, 1)) for t in prompts]
+        return grammar, prompts
 
     @staticmethod
     def _tokens(served: ServedModel, prompt: str | list[int]) -> list[int]:

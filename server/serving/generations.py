@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +24,11 @@ class GenerationRecord:
     cached_tokens: int = 0
     finish_reason: str | None = None
     generation_time: float = 0.0
+    latency: float | None = None
+    """Seconds from the request to its first output (time to first token)."""
+
+    def first_output(self) -> None:
+        self.latency = time.monotonic() - self.started
 
     def finish(self, prompt: int, completion: int, cached: int, reason: str) -> None:
         self.tokens_prompt = prompt
@@ -38,7 +44,7 @@ class GenerationRecord:
             native_tokens_prompt=self.tokens_prompt,
             native_tokens_completion=self.tokens_completion,
             native_tokens_cached=self.cached_tokens,
-            latency=round(self.generation_time * 1000),
+            latency=round((self.latency or self.generation_time) * 1000),
             generation_time=round(self.generation_time * 1000),
             origin=self.referer,
             app_title=self.title,
@@ -53,8 +59,12 @@ class GenerationLog:
     def __init__(self, capacity: int = 1000) -> None:
         self.capacity = capacity
         self._items: OrderedDict[str, GenerationRecord] = OrderedDict()
+        self.listeners: list[Callable[[GenerationRecord], None]] = []
+        """Called with each finished generation (metrics)."""
 
     def add(self, record: GenerationRecord) -> None:
+        for listener in self.listeners:
+            listener(record)
         self._items[record.id] = record
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from server import __version__
@@ -44,6 +44,16 @@ _ids = random.Random(secrets.randbits(128))
 
 def new_generation_id() -> str:
     return f"gen-{_ids.getrandbits(96):024x}"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request: OpenRouter's attribution headers, and where its usage goes."""
+
+    referer: str | None = None
+    title: str | None = None
+    on_usage: Callable[[int], None] | None = None
+    """Called once with the job's total tokens (prompt + completion) when it ends."""
 
 
 @dataclass
@@ -88,6 +98,7 @@ class Job:
     ignored: list[str]
     record: GenerationRecord
     log: GenerationLog
+    on_usage: Callable[[int], None] | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     _totals: _Totals = field(default_factory=_Totals)
 
@@ -96,18 +107,29 @@ class Job:
         return self._totals.usage()
 
     async def steps(self) -> AsyncIterator[list[SeqOutput]]:
-        """The engine's outputs step by step; an engine failure raises EngineError."""
+        """The engine's outputs step by step; an engine failure raises EngineError.
+
+        However it ends (finished, failed, or abandoned by a client that left), the
+        generation is recorded once, with the tokens it used.
+        """
         finish: str | None = None
-        async for outputs in self.handle:
-            for o in outputs:
-                self._totals.add(o)
-                if o.error:
-                    self._close("error")
-                    raise EngineError(o.error)
-                if o.finish_reason and o.index == 0:
-                    finish = o.finish_reason
-            yield outputs
-        self._close(finish or "stop")
+        first = True
+        try:
+            async for outputs in self.handle:
+                if first:
+                    first = False
+                    self.record.first_output()
+                for o in outputs:
+                    self._totals.add(o)
+                    if o.error:
+                        finish = "error"
+                        raise EngineError(o.error)
+                    if o.finish_reason and o.index == 0:
+                        finish = o.finish_reason
+                yield outputs
+            finish = finish or "stop"
+        finally:
+            self._close(finish or "cancelled")
 
     async def collect(self) -> list[Choice]:
         """Run to the end; every choice's text, finish reason and logprobs."""
@@ -126,6 +148,8 @@ class Job:
         u = self.usage
         self.record.finish(u.prompt_tokens, u.completion_tokens, self._totals.cached, finish)
         self.log.add(self.record)
+        if self.on_usage is not None:
+            self.on_usage(u.total_tokens)
 
 
 @dataclass(frozen=True)
@@ -188,14 +212,16 @@ class JobFactory:
         return max_tokens
 
     def submit(
-        self, request: SamplingFields, sub: Submission, caller: dict[str, str | None]
+        self, request: SamplingFields, sub: Submission, caller: Caller
     ) -> Job:
         served = sub.served
         info = served.engine.info
         max_tokens = sub.max_tokens or self.max_tokens(
             served, request, len(sub.prompt_tokens), sub.prompt_param
         )
-        params = to_sampling_params(request, served.spec.defaults, info.n_vocab, sub.grammar)
+        params = to_sampling_params(
+            request, served.spec.defaults, info.n_vocab, info.n_ctx, sub.grammar
+        )
         stop_text, stop_ids = self._stops(served, request.stop_list, sub.template_stops)
         handle = served.engine.submit(
             GenerationRequest(
@@ -211,11 +237,21 @@ class JobFactory:
         record = GenerationRecord(
             id=new_generation_id(),
             model=sub.model_name,
-            referer=caller.get("referer"),
-            title=caller.get("title"),
+            referer=caller.referer,
+            title=caller.title,
         )
         ignored = ignored_params(request) + [p for p in sub.ignored if p]
-        return Job(record.id, sub.model_name, served, handle, request.n, ignored, record, self.log)
+        return Job(
+            record.id,
+            sub.model_name,
+            served,
+            handle,
+            request.n,
+            ignored,
+            record,
+            self.log,
+            caller.on_usage,
+        )
 
     def _stops(
         self, served: ServedModel, request_stops: list[str], template_stops: tuple[str, ...]

@@ -40,6 +40,30 @@ def default_slots(spec: ModelSpec, gpu: bool) -> int:
     return 8 if gpu and spec.n_gpu_layers != 0 else 4
 
 
+def make_check(registry: Registry) -> Callable[[str], None]:
+    """The checks that need no loading: registered, downloaded, verified."""
+
+    def check(model_id: str) -> None:
+        _model_file(registry, model_id)
+
+    return check
+
+
+def _model_file(registry: Registry, model_id: str) -> Path:
+    spec = registry.get(model_id)
+    path = local_file(spec)
+    if path is None:
+        raise ModelNotFoundError(
+            f"model '{model_id}' is not downloaded; run `hostler pull {model_id}`",
+            param="model",
+        )
+    try:
+        verify(spec, path)
+    except Exception as exc:
+        raise ModelLoadError(f"model '{model_id}' failed verification: {exc}") from exc
+    return Path(path)
+
+
 def make_loader(registry: Registry, settings: Settings) -> Callable[[str], Engine]:
     """The production loader: find the file, verify it, start a LlamaEngine on it."""
 
@@ -48,16 +72,7 @@ def make_loader(registry: Registry, settings: Settings) -> Callable[[str], Engin
         from server.engine.scheduler import LlamaEngine
 
         spec = registry.get(model_id)
-        path = local_file(spec)
-        if path is None:
-            raise ModelNotFoundError(
-                f"model '{model_id}' is not downloaded; run `hostler pull {model_id}`",
-                param="model",
-            )
-        try:
-            verify(spec, path)
-        except Exception as exc:
-            raise ModelLoadError(f"model '{model_id}' failed verification: {exc}") from exc
+        path = _model_file(registry, model_id)
         gpu = gpu_offload_supported()
         options = ContextOptions(
             n_ctx=spec.context,
@@ -68,7 +83,7 @@ def make_loader(registry: Registry, settings: Settings) -> Callable[[str], Engin
             n_gpu_layers=spec.n_gpu_layers if gpu else 0,
             flash_attn=settings.flash_attn,
         )
-        return LlamaEngine(Path(path), options, max_queue=settings.max_queue)
+        return LlamaEngine(path, options, max_queue=settings.max_queue)
 
     return load
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from server.engine.sampling import DEFAULT_ORDER, STAGES
 from server.engine.types import SamplingParams
 from server.errors import BadRequestError
@@ -10,11 +12,19 @@ from server.registry.schema import SamplerDefaults
 
 # Parameters accepted on the wire that have no effect here; reported back to the caller.
 IGNORED_KNOWN = ("provider", "user", "route")
+# X-Hostler-Ignored-Params lists at most this many names, each at most this long.
+MAX_IGNORED_NAMES = 32
+MAX_NAME_CHARS = 64
+
+
+def header_safe(name: str) -> str:
+    """A field name as printable ASCII (percent-encoded), safe in an HTTP header value."""
+    return quote(name[:MAX_NAME_CHARS], safe="!#$&'*+-.^_`|~:/()[]{}@=")
 
 
 def ignored_params(request: SamplingFields) -> list[str]:
     """Unknown fields and known no-ops of this request, for X-Hostler-Ignored-Params."""
-    names = sorted((request.model_extra or {}).keys())
+    names = sorted(header_safe(k) for k in (request.model_extra or {}))[:MAX_IGNORED_NAMES]
     for name in IGNORED_KNOWN:
         if getattr(request, name, None) is not None and name not in names:
             if name == "route" and request.models:
@@ -23,8 +33,29 @@ def ignored_params(request: SamplingFields) -> list[str]:
     return names
 
 
+def _window(request: SamplingFields, name: str, default: int, n_ctx: int) -> int:
+    """A penalty window in tokens: -1 is the whole context; more than the context is a 400
+    (llama.cpp allocates the window up front, so 2e9 would be gigabytes)."""
+    value: int | None = getattr(request, name)
+    if value is None:
+        value = default
+    if value == -1:
+        return n_ctx
+    if value > n_ctx:
+        raise BadRequestError(
+            f"{name}: {value} is longer than this model's context ({n_ctx} tokens);"
+            " use -1 for the whole context",
+            param=name,
+        )
+    return value
+
+
 def to_sampling_params(
-    request: SamplingFields, defaults: SamplerDefaults, n_vocab: int, grammar: str | None = None
+    request: SamplingFields,
+    defaults: SamplerDefaults,
+    n_vocab: int,
+    n_ctx: int,
+    grammar: str | None = None,
 ) -> SamplingParams:
     def pick(name: str, fallback: float) -> float:
         value = getattr(request, name)
@@ -63,9 +94,7 @@ def to_sampling_params(
         repetition_penalty=pick("repetition_penalty", 1.0),
         frequency_penalty=pick("frequency_penalty", 0.0),
         presence_penalty=pick("presence_penalty", 0.0),
-        penalty_last_n=request.repetition_penalty_range
-        if request.repetition_penalty_range is not None
-        else 64,
+        penalty_last_n=_window(request, "repetition_penalty_range", 64, n_ctx),
         logit_bias=bias,
         seed=request.seed,
         dry_multiplier=request.dry_multiplier or 0.0,
@@ -73,9 +102,7 @@ def to_sampling_params(
         dry_allowed_length=request.dry_allowed_length
         if request.dry_allowed_length is not None
         else 2,
-        dry_penalty_last_n=request.dry_penalty_last_n
-        if request.dry_penalty_last_n is not None
-        else -1,
+        dry_penalty_last_n=_window(request, "dry_penalty_last_n", -1, n_ctx),
         dry_sequence_breakers=tuple(request.dry_sequence_breakers)
         if request.dry_sequence_breakers is not None
         else ("\n", ":", '"', "*"),

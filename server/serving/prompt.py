@@ -113,5 +113,15 @@ def tokenize_prompt(engine: Engine, text: str) -> list[int]:
     """Tokenize with the model's BOS exactly once, whether or not the template wrote it."""
     info = engine.info
     if info.add_bos and info.bos_token and text.startswith(info.bos_token):
-        return engine.tokenize(text, add_special=False)
-    return engine.tokenize(text, add_special=True)
+        tokens = engine.tokenize(text, add_special=False)
+    else:
+        tokens = engine.tokenize(text, add_special=True)
+    if not tokens:
+        # An empty prompt: start from BOS, as a model's first token always follows it.
+        if info.bos_id < 0:
+            raise BadRequestError(
+                "the prompt is empty and this model has no BOS token to start from",
+                param="prompt",
+            )
+        tokens = [info.bos_id]
+    return tokens

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from server.engine.grammar import JSON_OBJECT_GRAMMAR, GrammarError, json_schema_grammar
+from server.engine.grammar import (
+    JSON_OBJECT_GRAMMAR,
+    GrammarError,
+    check_grammar_shape,
+    json_schema_grammar,
+)
+from server.engine.types import Engine
 from server.errors import BadRequestError
 from server.protocol.common import ResponseFormat
 
@@ -17,3 +23,15 @@ def response_grammar(fmt: ResponseFormat | None) -> str | None:
         return json_schema_grammar(fmt.json_schema.schema_)
     except GrammarError as exc:
         raise BadRequestError(f"response_format: {exc}", param="response_format") from exc
+
+
+def check_grammar(engine: Engine, grammar: str, param: str) -> None:
+    """A 400 naming `param` unless llama.cpp compiles `grammar`: found before the first
+    byte of a stream, never a crash (the shape is bounded before llama.cpp parses it)."""
+    try:
+        check_grammar_shape(grammar)
+    except GrammarError as exc:
+        raise BadRequestError(f"{param}: {exc}", param=param) from exc
+    problem = engine.grammar_error(grammar)
+    if problem is not None:
+        raise BadRequestError(f"{param}: {problem}", param=param)

@@ -7,15 +7,32 @@ mutation of the objects passed in.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
+import re
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2 import nodes
+from jinja2.compiler import CodeGenerator, Frame
+from jinja2.runtime import Context
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+T = TypeVar("T")
+
+# What one render may cost. A GGUF template is code from the internet: the sandbox stops
+# it from reaching Python's internals, these stop it from eating the CPU or the memory.
+MAX_RENDER_SECONDS = 5.0
+MAX_OUTPUT_CHARS = 16 * 2**20  # the prompt text; far beyond any model's context
+MAX_VALUE_CHARS = 16 * 2**20  # any string or list one operation builds
+MAX_INT_ARG = 100_000  # the largest count or width a call may ask for (jinja's MAX_RANGE)
+_BIG_WIDTH = re.compile(r"\d{6,}")  # a width or precision of 100,000+ in a format string
 
 # Preset name -> stop strings that end a turn in that format (besides the model's EOS).
 PRESETS: dict[str, tuple[str, ...]] = {
@@ -41,14 +58,123 @@ def _tojson(value: Any, indent: int | None = None, **_: Any) -> str:
     return json.dumps(value, ensure_ascii=False, indent=indent)
 
 
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, undefined=jinja2.Undefined
-    )
+class _RenderTimeout(BaseException):
+    """Raised inside a render that ran past MAX_RENDER_SECONDS (a BaseException, so
+    that no `except Exception` in a filter or in jinja swallows it)."""
+
+
+def _size(value: Any) -> int:
+    return len(value) if isinstance(value, str | list | tuple) else 0
+
+
+def _check_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_INT_ARG:
+            raise SecurityError(f"a template argument of {a} is too large")
+
+
+def _check_format(fmt: Any) -> None:
+    if isinstance(fmt, str) and _BIG_WIDTH.search(fmt):
+        raise SecurityError("a format width in the template is too large")
+
+
+def _check_size(value: T) -> T:
+    if _size(value) > MAX_VALUE_CHARS:
+        raise SecurityError("the template built a value that is too large")
+    return value
+
+
+class _BoundedCodeGenerator(CodeGenerator):
+    """Compiles `a ~ b` to a join whose result size is checked."""
+
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
+        self.write("environment.bounded_join((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
+class BoundedSandbox(ImmutableSandboxedEnvironment):
+    """jinja2's immutable sandbox, plus bounds on what one operation may build."""
+
+    code_generator_class = _BoundedCodeGenerator
+    intercepted_binops = frozenset(["+", "*", "%", "**"])
+
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, int | float) and abs(right) > 64:
+            raise SecurityError("an exponent in the template is too large")
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if _size(seq) and isinstance(n, int) and _size(seq) * n > MAX_VALUE_CHARS:
+                    raise SecurityError("the template built a value that is too large")
+        if operator == "+" and _size(left) + _size(right) > MAX_VALUE_CHARS:
+            raise SecurityError("the template built a value that is too large")
+        if operator == "%":
+            _check_format(left)
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        _check_args(args, kwargs)
+        if getattr(__obj, "__name__", "") in ("format", "format_map"):
+            _check_format(getattr(__obj, "__self__", None))
+        return _check_size(super().call(__context, __obj, *args, **kwargs))
+
+    @staticmethod
+    def bounded_join(parts: tuple[Any, ...]) -> str:
+        return _check_size("".join(str(p) for p in parts))
+
+
+def _bounded_filter(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)  # keeps jinja's pass_context/pass_environment marks
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _check_args(args, kwargs)
+        if fn.__name__ == "do_format" and args:
+            _check_format(args[-1] if not isinstance(args[0], str) else args[0])
+        return _check_size(fn(*args, **kwargs))
+
+    return wrapper
+
+
+def _environment() -> BoundedSandbox:
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.Undefined)
     env.filters["tojson"] = _tojson
+    env.filters = {name: _bounded_filter(f) for name, f in env.filters.items()}
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env
+
+
+def run_with_deadline(fn: Callable[[], T], seconds: float) -> T:
+    """Run `fn` in this thread; past `seconds`, interrupt it with _RenderTimeout.
+
+    Python code cannot be killed from outside, but an asynchronous exception raised
+    into its thread stops a pure-Python loop (a template's nested `for`) at its next
+    bytecode.
+    """
+    tid = threading.get_ident()
+    lock = threading.Lock()
+    running = True
+
+    def interrupt() -> None:
+        with lock:
+            if running:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(tid), ctypes.py_object(_RenderTimeout)
+                )
+
+    timer = threading.Timer(seconds, interrupt)
+    timer.daemon = True
+    timer.start()
+    try:
+        try:
+            return fn()
+        finally:
+            with lock:
+                running = False
+            timer.cancel()
+    except _RenderTimeout:
+        raise TemplateError(f"the template took longer than {seconds:g} s to render") from None
 
 
 _ENV = _environment()
@@ -77,17 +203,30 @@ class ChatTemplate:
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        try:
-            return _compiled(self.source).render(
+        """The prompt text. Bounded in time and size; never raises anything but
+        TemplateError, whatever the template does. Call it off the event loop."""
+
+        def render() -> str:
+            out: list[str] = []
+            size = 0
+            for part in _compiled(self.source).generate(
                 messages=messages,
                 bos_token=bos_token,
                 eos_token=eos_token,
                 add_generation_prompt=add_generation_prompt,
                 tools=tools,
-            )
+            ):
+                size += len(part)
+                if size > MAX_OUTPUT_CHARS:
+                    raise TemplateError(f"template '{self.name}' wrote more than the limit")
+                out.append(part)
+            return "".join(out)
+
+        try:
+            return run_with_deadline(render, MAX_RENDER_SECONDS)
         except TemplateError:
             raise
-        except jinja2.TemplateError as exc:
+        except Exception as exc:  # the template is untrusted: any failure is its own
             raise TemplateError(f"template '{self.name}' failed: {exc}") from exc
 
 
@@ -108,7 +247,7 @@ def load_template(name: str | None, gguf_template: str | None) -> ChatTemplate:
     if gguf_template:
         try:
             _compiled(gguf_template)
-        except jinja2.TemplateError as exc:
+        except (jinja2.TemplateError, RecursionError, MemoryError, ValueError) as exc:
             raise TemplateError(f"the model's chat template does not compile: {exc}") from exc
         return ChatTemplate("gguf", gguf_template, _guess_stops(gguf_template))
     return ChatTemplate("chatml", preset_source("chatml"), PRESETS["chatml"])

@@ -119,7 +119,7 @@ def make_api(tmp_path: Path, **overrides: Any) -> Iterator[Api]:
         return engines[model_id]
 
     app = create_app(settings, models, loader=loader)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         yield Api(client, engines)
 
 

@@ -72,7 +72,7 @@ class FakeEngine:
         self.info = ModelInfo(
             n_ctx=n_ctx, n_ctx_train=n_ctx, n_vocab=1000, bos_token="<s>", eos_token="</s>",
             add_bos=True, chat_template=None, description="fake", size_bytes=0, n_params=0,
-            gpu_offload=False, slots=4,
+            gpu_offload=False, slots=4, bos_id=0,
         )  # fmt: skip
         self.requests: list[GenerationRequest] = []
         self.reply = REPLY
@@ -90,6 +90,9 @@ class FakeEngine:
 
     def token_text(self, token_id: int) -> str:
         return "<|im_end|>" if token_id == 1 else chr(token_id)
+
+    def grammar_error(self, grammar: str) -> str | None:
+        return None if "root" in grammar else "no root rule"
 
     def submit(self, request: GenerationRequest) -> FakeHandle:
         if self.active >= self.max_queue:

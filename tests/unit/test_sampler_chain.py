@@ -31,6 +31,7 @@ class _Vocab:
         self.vocab = None
         self._eog = np.zeros(n, dtype=bool)
         self._eog[-1] = True
+        self.eog_ids = np.flatnonzero(self._eog)
 
 
 def softmax(logits: Arr) -> Arr:

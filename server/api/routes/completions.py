@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from server.api.deps import CompletionsDep, SettingsDep
+from server.api.deps import CompletionsDep, KeyDep, SettingsDep
 from server.api.respond import caller_of, job_response
 from server.protocol.completions import CompletionRequest
 
@@ -13,7 +13,8 @@ router = APIRouter()
 
 @router.post("/completions", response_model=None)
 async def completions(
-    body: CompletionRequest, request: Request, service: CompletionsDep, settings: SettingsDep
+    body: CompletionRequest, request: Request, service: CompletionsDep, settings: SettingsDep,
+    key: KeyDep,
 ) -> Response:
-    job = await service.start(body, caller_of(request))
+    job = await service.start(body, caller_of(request, key))
     return await job_response(job, body.stream, request, settings)

@@ -25,9 +25,10 @@ def _rss_bytes() -> int | None:
 @router.get("/health")
 async def health(models: ModelsDep) -> JSONResponse:
     engines = {name: e.health() for name, e in models.pool.loaded.items()}
-    ok = all(h.get("status") == "ok" for h in engines.values())
+    # 503 while no model can serve: none loaded, or one whose engine stopped.
+    ok = bool(engines) and all(h.get("status") == "ok" for h in engines.values())
     body: dict[str, Any] = {
-        "status": "ok" if ok else "error",
+        "status": "ok" if ok else ("error" if engines else "no model loaded"),
         "models": engines,
         "rss_bytes": _rss_bytes(),
     }

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
-from server.api.deps import GenerationsDep, SettingsDep, bearer_token
+from server.api.deps import GenerationsDep, KeyDep
 from server.errors import BadRequestError, NotFoundError
 
 router = APIRouter()
@@ -23,17 +23,6 @@ async def generation(log: GenerationsDep, id: str | None = None) -> dict[str, An
 
 
 @router.get("/auth/key")
-async def auth_key(request: Request, settings: SettingsDep) -> dict[str, Any]:
-    token = bearer_token(request)
-    label = "hostler (no key required)"
-    if settings.api_key:
-        label = f"hostler key ...{token[-4:]}" if token else "hostler"
-    return {
-        "data": {
-            "label": label,
-            "usage": 0,
-            "limit": None,
-            "is_free_tier": False,
-            "rate_limit": {"requests": settings.max_queue, "interval": "queue"},
-        }
-    }
+async def auth_key(key: KeyDep) -> dict[str, Any]:
+    """The calling key, as OpenRouter describes it: usage (tokens today) and limits."""
+    return {"data": key.describe()}
