@@ -48,7 +48,8 @@ install_llama_cpp() {
       -w "$dir.tmp" "llama-cpp-python==$LLAMA_CPP_VERSION"
     rm -rf "$dir" && mv "$dir.tmp" "$dir"
   fi
-  "$VENV/bin/python" -m pip install -q "$dir"/llama_cpp_python-*.whl
+  # --force-reinstall: a build with other flags may already be installed under the same version.
+  "$VENV/bin/python" -m pip install -q --no-deps --force-reinstall "$dir"/llama_cpp_python-*.whl
 }
 
 ensure_venv() {

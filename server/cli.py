@@ -83,6 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
     )
+
     class _Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
             # From the first signal on, new requests get 503 while streams finish.

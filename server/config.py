@@ -13,7 +13,6 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from server.errors import ConfigError
 from server.registry.schema import ModelsFile, load_models_file
 
-
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
@@ -65,6 +64,22 @@ class Settings(BaseSettings):
     )
     shutdown_grace: float = Field(
         30.0, ge=0, description="Seconds in-flight requests may finish after SIGTERM."
+    )
+    cache_reuse: int | None = Field(
+        None,
+        ge=0,
+        description="Chunk reuse for every model: the shortest run of tokens kept and shifted"
+        " after trimmed messages (0: off); unset uses each model's cache_reuse.",
+    )
+    cache_ram_mib: int = Field(
+        8192, ge=0, description="Host-RAM prompt cache per model, in MiB (0: off)."
+    )
+    cache_disk_gib: float = Field(
+        8.0, ge=0, description="Disk prompt cache per model, in GiB (0: off)."
+    )
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "hostler" / "prompt-cache",
+        description="Folder of the disk prompt cache.",
     )
     keepalive: float = Field(
         5.0, gt=0, description="Seconds between ': HOSTLER PROCESSING' SSE comments."
@@ -137,4 +152,6 @@ def load_settings(
         raise ConfigError(
             f"invalid setting '{'.'.join(str(x) for x in first['loc'])}': {first['msg']}"
         ) from exc
-    return Settings.model_construct(**layered.model_dump()), models
+    return Settings.model_construct(
+        **{k: getattr(layered, k) for k in Settings.model_fields}
+    ), models

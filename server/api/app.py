@@ -35,8 +35,10 @@ def create_app(
     settings: Settings,
     models_file: ModelsFile,
     loader: Callable[[str], Engine] | None = None,
+    check: Callable[[str], None] | None = None,
 ) -> FastAPI:
-    """Build the app. `loader` turns a model id into an engine (tests pass a fake one)."""
+    """Build the app. `loader` turns a model id into an engine and `check` vets one
+    before anything is evicted for it (tests pass fakes)."""
     registry = Registry(models_file)
 
     @asynccontextmanager
@@ -44,7 +46,7 @@ def create_app(
         pool = ModelPool(
             loader or make_loader(registry, settings),
             settings.max_models,
-            check=None if loader else make_check(registry),
+            check=check if loader else make_check(registry),
         )
         model_service = ModelService(registry, pool, settings.model)
         generations = GenerationLog()

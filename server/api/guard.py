@@ -102,13 +102,17 @@ class Guard:
                 "this Host is not allowed; add it to the allowed_hosts setting", param="Host"
             )
         origin = headers.get("origin")
-        if origin and not self.any_origin and origin.rstrip("/").lower() not in self.origins:
-            # A page from elsewhere: allowed only on the server's own origin.
-            if urlsplit(origin).netloc.lower() != headers.get("host", "").lower():
-                return ForbiddenError(
-                    "this Origin is not allowed; add it to the cors_origins setting",
-                    param="Origin",
-                )
+        # A page from elsewhere is allowed only on the server's own origin.
+        if (
+            origin
+            and not self.any_origin
+            and origin.rstrip("/").lower() not in self.origins
+            and urlsplit(origin).netloc.lower() != headers.get("host", "").lower()
+        ):
+            return ForbiddenError(
+                "this Origin is not allowed; add it to the cors_origins setting",
+                param="Origin",
+            )
         if self.draining() and scope["path"] != "/health":
             return ServiceUnavailableError(
                 "the server is shutting down", headers={"Retry-After": "5"}
@@ -117,8 +121,7 @@ class Guard:
 
     def _too_large(self) -> HostlerError:
         return PayloadTooLargeError(
-            f"the request body is larger than {self.max_body // 2**20} MiB"
-            " (setting max_body_mb)"
+            f"the request body is larger than {self.max_body // 2**20} MiB (setting max_body_mb)"
         )
 
 

@@ -122,5 +122,10 @@ class CountRequests:
             metrics = self.metrics()
             if metrics is not None:
                 route = scope.get("route")
-                path = getattr(route, "path", None) or "unmatched"
+                if route is None:
+                    path = "unmatched"  # refused before routing, or no such route
+                elif scope.get("path_params"):
+                    path = getattr(scope.get("effective_route_context"), "path", route.path)
+                else:
+                    path = scope["path"]  # a fixed path: the template itself
                 metrics.requests.labels(path, str(status or 499)).inc()

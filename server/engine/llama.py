@@ -193,8 +193,34 @@ class LlamaModel:
     def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
         lc.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
 
+    def seq_add(self, seq: int, p0: int, p1: int, delta: int) -> None:
+        """Shift the positions of `seq`'s cells in [p0, p1) by `delta` (RoPE re-applied)."""
+        lc.llama_memory_seq_add(self.memory, seq, p0, p1, delta)
+
+    def can_shift(self) -> bool:
+        return bool(lc.llama_memory_can_shift(self.memory))
+
     def clear(self) -> None:
         lc.llama_memory_clear(self.memory, True)
+
+    # -- sequence state (prompt cache) ------------------------------------------------
+
+    def state_get(self, seq: int) -> bytes:
+        """A copy of `seq`'s KV cells, as llama.cpp serialises them."""
+        size = int(lc.llama_state_seq_get_size(self.ctx, seq))
+        buf = (ctypes.c_uint8 * size)()
+        written = int(lc.llama_state_seq_get_data(self.ctx, buf, size, seq))
+        return ctypes.string_at(buf, written)
+
+    def state_set(self, seq: int, state: bytes) -> bool:
+        """Load a state written by `state_get` into `seq` (emptied first); False if it
+        does not fit or does not parse (llama.cpp checks; nothing is left half-loaded)."""
+        self.seq_rm(seq, -1, -1)
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if int(lc.llama_state_seq_set_data(self.ctx, buf, len(state), seq)) == 0:
+            self.seq_rm(seq, -1, -1)
+            return False
+        return True
 
     # -- decode -----------------------------------------------------------------------
 

@@ -248,7 +248,7 @@ class SeqSampler:
         if eog.size == 0:
             return False
         one = (lc.llama_token_data * 1)()
-        one[0].id = int(eog[0])
+        one[0].id = int(eog[0])  # type: ignore[assignment]
         one[0].logit = 0.0
         cur = lc.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
         lc.llama_sampler_apply(self.grammar, ctypes.byref(cur))

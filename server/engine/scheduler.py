@@ -23,9 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
+from server.engine.cache import MIN_TOKENS, PromptCache
 from server.engine.detokenizer import TextStream
 from server.engine.llama import Batch, ContextOptions, LlamaModel
+from server.engine.reuse import Chunk, plan_reuse, reused_tokens
 from server.engine.sampling import GrammarDeadEnd, SeqSampler
 from server.engine.types import (
     FinishReason,
@@ -110,21 +113,44 @@ class _Slot:
     tokens: list[int] = field(default_factory=list)
     seq: _Seq | None = None
     last_used: float = 0.0
+    shared_until: int = 0
+    """Cells below this position may be shared with another slot (`seq_cp` shares cells
+    in a unified KV cache), so they must never be shifted."""
+
+    def truncate(self, n: int) -> None:
+        del self.tokens[n:]
+        self.shared_until = min(self.shared_until, n)
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+# A cached state is restored only when it saves at least this many more tokens than the
+# best live slot: restoring copies the whole state, not just the shared part.
+MIN_RESTORE_GAIN = 32
+
+
+def _common_prefix(a: npt.NDArray[np.int32], b: list[int]) -> int:
     n = min(len(a), len(b))
     if n == 0:
         return 0
-    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    diff = np.flatnonzero(a[:n] != np.asarray(b[:n], dtype=np.int32))
     return int(diff[0]) if diff.size else n
 
 
 class LlamaEngine:
     """A model served by one engine thread with `slots` parallel sequences."""
 
-    def __init__(self, path: Path, options: ContextOptions, *, max_queue: int = 64) -> None:
+    def __init__(
+        self,
+        path: Path,
+        options: ContextOptions,
+        *,
+        max_queue: int = 64,
+        cache_reuse: int = 0,
+        prompt_cache: PromptCache | None = None,
+    ) -> None:
         self.model = LlamaModel(path, options)
+        # Chunk reuse needs a memory whose cells can move (not recurrent state, not M-RoPE).
+        self.cache_reuse = cache_reuse if self.model.can_shift() else 0
+        self.cache = prompt_cache
         self.info: ModelInfo = self.model.info
         self.max_queue = max_queue
         self._slots = [_Slot(i) for i in range(options.slots)]
@@ -139,7 +165,14 @@ class LlamaEngine:
         self._active: list[_Seq] = []  # engine thread only
         self._stopping = False
         self._fatal: str | None = None
-        self.stats = {"requests": 0, "steps": 0, "tokens": 0, "cached_tokens": 0}
+        self.stats = {
+            "requests": 0,
+            "steps": 0,
+            "tokens": 0,
+            "cached_tokens": 0,
+            "reused_chunk_tokens": 0,
+            "restored_tokens": 0,
+        }
         self._thread = threading.Thread(target=self._run, name="hostler-engine", daemon=True)
         self._thread.start()
 
@@ -194,6 +227,7 @@ class LlamaEngine:
             "slots_busy": sum(1 for s in self._slots if s.seq is not None),
             "queued": queued,
             **self.stats,
+            "cache": self.cache.health() if self.cache is not None else None,
         }
 
     @property
@@ -207,6 +241,11 @@ class LlamaEngine:
             self._stopping = True
             self._cond.notify()
         self._thread.join(timeout=30)
+        if self.cache is not None and not self._thread.is_alive():
+            # Keep what the slots hold for the next start (written to the disk tier).
+            for slot in self._slots:
+                self._save(slot, 0)
+            self.cache.close()
         self.model.close()
 
     # -- the engine thread ----------------------------------------------------------------
@@ -277,32 +316,54 @@ class LlamaEngine:
         return seq.parent is None or not seq.parent.prefilling or seq.parent.finished
 
     def _place(self, seq: _Seq, free: list[_Slot]) -> None:
+        """Put `seq` in a free slot, keeping as much of its prompt as is already known.
+
+        Candidates: a free slot's common prefix (plus runs shifted into place, with
+        chunk reuse), a prefix copied from any slot (`seq_cp`), or a state from the
+        prompt cache. A slot about to lose most of what it holds is saved first.
+        """
         prompt = seq.request.prompt_tokens
-        # Best idle slot to reuse in place, and best slot (any) to copy a prefix from.
-        in_place = max(free, key=lambda s: (_common_prefix(prompt, s.tokens), -s.last_used))
-        n_in_place = _common_prefix(prompt, in_place.tokens)
+        arr = np.asarray(prompt, dtype=np.int32)
+        last = len(prompt) - 1  # the last prompt token is always decoded, for its logits
+        in_place, n_prefix, chunks = free[0], 0, []
+        best = (-1, 0.0)
+        for s in free:
+            n = min(_common_prefix(arr, s.tokens), last)
+            plan = self._reuse_plan(s, arr, n)
+            key = (reused_tokens(n, plan), -s.last_used)
+            if key > best:
+                best, in_place, n_prefix, chunks = key, s, n, plan
+        n_in_place = best[0]
         donor, n_copy = None, 0
         for s in self._slots:
-            if s is in_place:
-                continue
-            n = _common_prefix(prompt, s.tokens)
-            if n > n_copy:
-                donor, n_copy = s, n
-        if donor is not None and n_copy > n_in_place:
-            # Copy into the least valuable free slot: the emptiest, least recently used.
-            target = min(free, key=lambda s: (s is donor, len(s.tokens) > 0, s.last_used))
-            keep = min(n_copy, len(prompt) - 1)
+            if s is not in_place:
+                n = min(_common_prefix(arr, s.tokens), last)
+                if n > n_copy:
+                    donor, n_copy = s, n
+        n_cache, entry = self.cache.best(arr) if self.cache is not None else (0, None)
+        n_cache = min(n_cache, last)
+        # The least valuable free slot: the emptiest, least recently used.
+        spare = min(free, key=lambda s: (s is donor, len(s.tokens) > 0, s.last_used))
+        keep = 0
+        if entry is not None and n_cache >= max(n_in_place, n_copy) + MIN_RESTORE_GAIN:
+            target = spare
+            self._save(target, 0)
+            keep = self._restore(target, entry, n_cache)
+        elif donor is not None and n_copy > n_in_place:
+            target = spare
+            self._save(target, 0)
             self.model.seq_rm(target.id, -1, -1)
-            if keep > 0:
-                self.model.seq_cp(donor.id, target.id, 0, keep)
-            target.tokens = prompt[:keep]
+            target.tokens, target.shared_until = [], 0
+            if n_copy > 0:
+                self.model.seq_cp(donor.id, target.id, 0, n_copy)
+                target.tokens = prompt[:n_copy]
+                target.shared_until = n_copy
+                donor.shared_until = max(donor.shared_until, n_copy)
+            keep = n_copy
         else:
             target = in_place
-            keep = min(n_in_place, len(prompt) - 1)
-            if not self.model.seq_rm(target.id, keep, -1):
-                self.model.seq_rm(target.id, -1, -1)
-                keep = 0
-            target.tokens = target.tokens[:keep]
+            self._save(target, n_in_place)
+            keep = self._keep_in_place(target, arr, n_prefix, chunks)
         target.seq = seq
         target.last_used = time.monotonic()
         seq.slot = target
@@ -316,6 +377,66 @@ class LlamaEngine:
         self._active.append(seq)
         self.stats["requests"] += 1
         self.stats["cached_tokens"] += keep
+
+    def _reuse_plan(self, slot: _Slot, prompt: npt.NDArray[np.int32], n: int) -> list[Chunk]:
+        if not self.cache_reuse or len(slot.tokens) <= n:
+            return []
+        cached = np.asarray(slot.tokens, dtype=np.int32)
+        plan = plan_reuse(cached, prompt, n, self.cache_reuse)
+        # Cells that another slot may share must not move: stop before the first such run.
+        for i, c in enumerate(plan):
+            if c.src < slot.shared_until:
+                return plan[:i]
+        return plan
+
+    def _keep_in_place(
+        self, slot: _Slot, prompt: npt.NDArray[np.int32], n: int, chunks: list[Chunk]
+    ) -> int:
+        """Keep the slot's first `n` tokens and shift `chunks` into place; drop the rest."""
+        head = n
+        for c in chunks:
+            # Drop what lies between (the trimmed messages), then move the run left.
+            self.model.seq_rm(slot.id, head, c.src)
+            self.model.seq_add(slot.id, c.src, c.src + c.n, c.dst - c.src)
+            head = c.dst + c.n
+        if not self.model.seq_rm(slot.id, head, -1):
+            self.model.seq_rm(slot.id, -1, -1)  # this memory cannot cut a sequence
+            slot.truncate(0)
+            return 0
+        if chunks:
+            slot.tokens = prompt[:head].tolist()
+            slot.shared_until = min(slot.shared_until, n)
+            self.stats["reused_chunk_tokens"] += head - n
+        else:
+            slot.truncate(head)
+        return head
+
+    def _save(self, slot: _Slot, keep: int) -> None:
+        """Save the slot's state to the prompt cache if it is about to lose much of it."""
+        if self.cache is None or slot.seq is not None:
+            return
+        lost = len(slot.tokens) - keep
+        if lost < max(MIN_TOKENS, len(slot.tokens) // 4):
+            return
+        tokens = np.asarray(slot.tokens, dtype=np.int32)
+        if self.cache.covers(tokens):
+            return
+        self.cache.save(tokens, self.model.state_get(slot.id))
+
+    def _restore(self, slot: _Slot, entry: Any, n: int) -> int:
+        """Load a cached state into `slot` and keep its first `n` tokens; 0 if unusable."""
+        assert self.cache is not None
+        state = self.cache.state_of(entry)
+        slot.tokens, slot.shared_until = [], 0
+        if state is None or not self.model.state_set(slot.id, state):
+            return 0
+        slot.tokens = entry.tokens[:n].tolist()
+        if not self.model.seq_rm(slot.id, n, -1):
+            self.model.seq_rm(slot.id, -1, -1)
+            slot.tokens = []
+            return 0
+        self.stats["restored_tokens"] += n
+        return n
 
     def _step(self) -> list[tuple[_Seq, SeqOutput]]:
         if not self._active:
@@ -431,8 +552,9 @@ class LlamaEngine:
             idle = [s for s in self._slots if s.seq is None and s.tokens]
             if idle:
                 for s in idle:
+                    self._save(s, 0)
                     self.model.seq_rm(s.id, -1, -1)
-                    s.tokens = []
+                    s.truncate(0)
                 return out
             victim = self._active[-1]
             self._reset_slot(victim)
@@ -447,7 +569,7 @@ class LlamaEngine:
     def _reset_slot(self, seq: _Seq) -> None:
         if seq.slot is not None:
             self.model.seq_rm(seq.slot.id, -1, -1)
-            seq.slot.tokens = []
+            seq.slot.truncate(0)
 
     def _deliver(self, out: list[tuple[_Seq, SeqOutput]]) -> None:
         """Hand the step's outputs to each request's loop: one call per loop per step."""

@@ -79,6 +79,12 @@ class ModelSpec(_Strict):
         0, description="Layers to offload to the GPU: a number, or 'all'."
     )
     aliases: tuple[str, ...] = Field((), description="Other names that select this model.")
+    cache_reuse: int = Field(
+        0,
+        ge=0,
+        description="Chunk reuse after trimming: the shortest run of tokens kept and shifted"
+        " into place (0: off). An approximation; see README, Prompt caches.",
+    )
     defaults: SamplerDefaults = Field(default_factory=SamplerDefaults)
 
     @property

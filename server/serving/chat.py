@@ -161,9 +161,7 @@ class ChatService:
         served, name = await self.jobs.pick_model(request)
         # Rendering, tokenizing and compiling a grammar can take a while for a large
         # request: off the event loop, so that other requests' streams keep flowing.
-        template, tools, grammar, prompt = await asyncio.to_thread(
-            self._prepare, served, request
-        )
+        template, tools, grammar, prompt = await asyncio.to_thread(self._prepare, served, request)
         job = self.jobs.submit(
             request,
             Submission(

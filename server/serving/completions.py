@@ -174,9 +174,7 @@ class CompletionService:
     def __init__(self, jobs: JobFactory) -> None:
         self.jobs = jobs
 
-    async def start(
-        self, request: CompletionRequest, caller: Caller
-    ) -> CompletionJob:
+    async def start(self, request: CompletionRequest, caller: Caller) -> CompletionJob:
         served, name = await self.jobs.pick_model(request)
         # Tokenizing large prompts and compiling a grammar: off the event loop.
         grammar, prompts = await asyncio.to_thread(self._prepare, served, request)

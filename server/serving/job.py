@@ -211,9 +211,7 @@ class JobFactory:
             )
         return max_tokens
 
-    def submit(
-        self, request: SamplingFields, sub: Submission, caller: Caller
-    ) -> Job:
+    def submit(self, request: SamplingFields, sub: Submission, caller: Caller) -> Job:
         served = sub.served
         info = served.engine.info
         max_tokens = sub.max_tokens or self.max_tokens(

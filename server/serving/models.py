@@ -68,6 +68,7 @@ def make_loader(registry: Registry, settings: Settings) -> Callable[[str], Engin
     """The production loader: find the file, verify it, start a LlamaEngine on it."""
 
     def load(model_id: str) -> Engine:
+        from server.engine.cache import open_cache
         from server.engine.llama import ContextOptions, gpu_offload_supported
         from server.engine.scheduler import LlamaEngine
 
@@ -83,7 +84,22 @@ def make_loader(registry: Registry, settings: Settings) -> Callable[[str], Engin
             n_gpu_layers=spec.n_gpu_layers if gpu else 0,
             flash_attn=settings.flash_attn,
         )
-        return LlamaEngine(path, options, max_queue=settings.max_queue)
+        cache = open_cache(
+            path,
+            {"n_ctx": options.n_ctx, "flash_attn": options.flash_attn, "gpu": gpu},
+            ram_mib=settings.cache_ram_mib,
+            disk_gib=settings.cache_disk_gib,
+            folder=settings.cache_dir,
+        )
+        reuse = spec.cache_reuse if settings.cache_reuse is None else settings.cache_reuse
+        try:
+            return LlamaEngine(
+                path, options, max_queue=settings.max_queue, cache_reuse=reuse, prompt_cache=cache
+            )
+        except BaseException:
+            if cache is not None:
+                cache.close()
+            raise
 
     return load
 

@@ -21,8 +21,9 @@ from typing import Any, TypeVar
 import jinja2
 from jinja2 import nodes
 from jinja2.compiler import CodeGenerator, Frame
+from jinja2.exceptions import SecurityError
 from jinja2.runtime import Context
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 T = TypeVar("T")
 
@@ -114,7 +115,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             _check_format(left)
         return super().call_binop(context, operator, left, right)
 
-    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         _check_args(args, kwargs)
         if getattr(__obj, "__name__", "") in ("format", "format_map"):
             _check_format(getattr(__obj, "__self__", None))

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from server.api import create_app
 from server.config import load_settings
-from server.errors import ModelLoadError
+from server.errors import ModelLoadError, ModelNotFoundError
 from server.protocol.chat import ChatCompletionChunk
 from tests.api.fake_engine import FakeEngine
 
@@ -27,6 +27,8 @@ models:
     source: {type: path, path: other.gguf}
   broken:
     source: {type: path, path: broken.gguf}
+  absent:
+    source: {type: path, path: absent.gguf}
 """
 
 
@@ -36,6 +38,11 @@ class Api:
     def __init__(self, client: TestClient, engines: dict[str, FakeEngine]) -> None:
         self.client = client
         self.engines = engines
+
+    @property
+    def models(self) -> Any:
+        """The app's ModelService."""
+        return self.client.app.state.models  # type: ignore[attr-defined]
 
     @property
     def engine(self) -> FakeEngine:
@@ -118,7 +125,11 @@ def make_api(tmp_path: Path, **overrides: Any) -> Iterator[Api]:
         engines[model_id] = FakeEngine()
         return engines[model_id]
 
-    app = create_app(settings, models, loader=loader)
+    def check(model_id: str) -> None:
+        if model_id == "absent":
+            raise ModelNotFoundError("model 'absent' is not downloaded", param="model")
+
+    app = create_app(settings, models, loader=loader, check=check)
     with TestClient(app, base_url="http://localhost") as client:
         yield Api(client, engines)
 

@@ -13,7 +13,10 @@ router = APIRouter()
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, chat: ChatDep, settings: SettingsDep,
+    body: ChatCompletionRequest,
+    request: Request,
+    chat: ChatDep,
+    settings: SettingsDep,
     key: KeyDep,
 ) -> Response:
     job = await chat.start(body, caller_of(request, key))

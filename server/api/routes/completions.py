@@ -13,7 +13,10 @@ router = APIRouter()
 
 @router.post("/completions", response_model=None)
 async def completions(
-    body: CompletionRequest, request: Request, service: CompletionsDep, settings: SettingsDep,
+    body: CompletionRequest,
+    request: Request,
+    service: CompletionsDep,
+    settings: SettingsDep,
     key: KeyDep,
 ) -> Response:
     job = await service.start(body, caller_of(request, key))
