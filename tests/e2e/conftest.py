@@ -24,40 +24,62 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [
-        sys.executable, "-m", "server", "serve", "--model", "smollm2-135m",
-        "--host", "127.0.0.1", "--port", str(port), "--slots", "4", "--max-queue", "8",
-        "--models-file", str(ROOT / "models.yaml"), "--shutdown-grace", "5",
-    ]  # fmt: skip
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ)
-    url = f"http://127.0.0.1:{port}"
-    try:
+class Server:
+    """A `hostler serve` subprocess on SmolLM2, on a free loopback port."""
+
+    def __init__(self, log: Path, *args: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        cmd = [
+            sys.executable, "-m", "server", "serve", "--model", "smollm2-135m",
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--models-file", str(ROOT / "models.yaml"), *args,
+        ]  # fmt: skip
+        with log.open("w") as out:
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ
+            )
         deadline = time.monotonic() + 120
         while True:
-            if proc.poll() is not None:
+            if self.proc.poll() is not None:
                 raise RuntimeError("server exited early:\n" + log.read_text())
             try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
+                self.proc.kill()
                 raise RuntimeError("server did not start:\n" + log.read_text())
             time.sleep(0.3)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, then the exit code (killed, and an error, past `timeout`)."""
+        self.proc.send_signal(signal.SIGTERM)
         try:
-            code = proc.wait(timeout=30)
+            return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            self.proc.kill()
             raise
-        assert code == 0, log.read_text()[-3000:]
+
+    def openai(self) -> OpenAI:
+        return OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    folder = tmp_path_factory.mktemp("server")
+    server = Server(
+        folder / "server.log",
+        "--slots", "4", "--max-queue", "8", "--shutdown-grace", "5",
+        "--cache-dir", str(folder / "cache"),
+    )  # fmt: skip
+    try:
+        yield server.url
+    finally:
+        code = server.stop(timeout=30)
+        assert code == 0, server.log.read_text()[-3000:]
 
 
 @pytest.fixture
