@@ -7,6 +7,13 @@ itself (llama-server, `python -m llama_cpp.server`) and prints ratios from one r
 
     scripts/bench.py --hostler --llama-server ~/cache/llama-server --slots 8
     scripts/bench.py --url http://127.0.0.1:8000/v1 --name mine
+
+Long-chat scenarios (prompt caches), against llama-server with and without
+`--cache-reuse 256`, on 2 slots:
+
+    scripts/bench.py --hostler --hostler-args="--cache-reuse 256" \
+        --llama-server ~/cache/llama-server --llama-server-reuse 256 \
+        --slots 2 --scenarios trimmed,rotating,restart
 """
 
 from __future__ import annotations
@@ -16,12 +23,15 @@ import asyncio
 import importlib.util
 import json
 import os
+import shlex
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +67,8 @@ class Target:
     proc: subprocess.Popen[bytes] | None = None
     results: dict[str, float] = field(default_factory=dict)
     errors: int = 0
+    command: Callable[[Path], list[str]] | None = None  # cache dir -> command line
+    port: int = 0
 
 
 async def one(
@@ -141,6 +153,103 @@ async def sample_turns(
     return {f"TTFT turns 2-{args.turns} ms": 1000 * statistics.mean(ttfts[1:])}
 
 
+# -- long chats: the prompt-cache scenarios -------------------------------------------
+
+CARD = (
+    "You are Captain Mira Voss, a retired starship pilot who runs a tea house on a rainy "
+    "moon. You speak warmly, with dry humour, and you remember every guest's name. "
+) * 6
+
+
+def _user(chat: int, k: int) -> dict[str, str]:
+    text = f"(chat {chat}, turn {k}) I sit by the window and ask about the storm, the ships "
+    return {"role": "user", "content": text + "and the old war, and I order more tea. " * 2}
+
+
+def _assistant(chat: int, k: int) -> dict[str, str]:
+    text = f"(chat {chat}, reply {k}) Mira pours the tea and tells of the {k}th convoy, "
+    return {"role": "assistant", "content": text + "of rain on hull plates and old friends. " * 4}
+
+
+async def sample_trimmed(
+    client: httpx.AsyncClient, t: Target, args: argparse.Namespace, round_no: int
+) -> Sample:
+    """A chat at its window: the card stays, the oldest exchange is dropped every turn
+    (as SillyTavern does at the context limit). Mean TTFT of the trimmed turns."""
+    card = {"role": "system", "content": f"Scene {round_no}. {CARD}"}
+    history: list[dict[str, str]] = []
+    ttfts = []
+    for k in range(args.window + args.trimmed_turns):
+        history.append(_user(round_no, k))
+        trimming = len(history) > 2 * args.window
+        if trimming:
+            del history[:2]
+        r = await one(client, t, [card, *history], 16, args.ban_map)
+        if trimming:
+            ttfts.append(r.ttft)
+        history.append(_assistant(round_no, k))
+    return {"trimmed chat: TTFT ms": 1000 * statistics.mean(ttfts)}
+
+
+async def sample_rotating(
+    client: httpx.AsyncClient, t: Target, args: argparse.Namespace, round_no: int
+) -> Sample:
+    """Six chats taking turns over the server's slots. Mean TTFT of returning turns."""
+    chats = [
+        [{"role": "system", "content": f"Scene {round_no}-{c}. {CARD}{CARD}"}]
+        for c in range(args.chats)
+    ]
+    ttfts = []
+    for k in range(args.rotations):
+        for c, chat in enumerate(chats):
+            chat.append(_user(c, k))
+            r = await one(client, t, chat, 16, args.ban_map)
+            if k > 0:
+                ttfts.append(r.ttft)
+            chat.append(_assistant(c, k))
+    return {f"rotating {args.chats} chats: returning TTFT ms": 1000 * statistics.mean(ttfts)}
+
+
+def run_restart(targets: list[Target], args: argparse.Namespace) -> dict[str, list[float]]:
+    """First returning turn after a restart, against the same turn on a cold server.
+
+    Per round and server (A B A B ...): turn 1 of a long chat; restart with the same
+    cache folder; turn 2 (warm). Then restart with an empty cache folder; turn 2 (cold).
+    """
+    samples: dict[str, dict[str, list[float]]] = {t.name: {} for t in targets}
+
+    async def turn(t: Target, chat: list[dict[str, str]]) -> float:
+        async with httpx.AsyncClient(timeout=600) as client:
+            return (await one(client, t, chat, 16, args.ban_map)).ttft
+
+    for i in range(args.rounds):
+        for t in targets:
+            assert t.command is not None, "restart needs servers started by this script"
+            chat = [{"role": "system", "content": f"Scene {i}. {CARD * 3}"}, _user(i, 0)]
+            warm_dir = Path(tempfile.mkdtemp(prefix="hostler-bench-"))
+            restart(t, warm_dir)
+            asyncio.run(turn(t, chat))
+            chat += [_assistant(i, 0), _user(i, 1)]
+            restart(t, warm_dir)
+            warm = asyncio.run(turn(t, chat))
+            restart(t, Path(tempfile.mkdtemp(prefix="hostler-bench-")))
+            cold = asyncio.run(turn(t, chat))
+            got = {"after restart: TTFT ms": 1000 * warm, "same turn cold: TTFT ms": 1000 * cold}
+            got["after restart / cold"] = warm / cold
+            print(f"{t.name} {got}", file=sys.stderr)
+            for m, v in got.items():
+                samples[t.name].setdefault(m, []).append(v)
+    ratios: dict[str, list[float]] = {}
+    for t in targets:
+        for m, v in samples[t.name].items():
+            t.results[m] = statistics.median(v)
+    first = samples[targets[0].name]
+    for peer in targets[1:]:
+        for m, values in samples[peer.name].items():
+            ratios[f"{m}|{peer.name}"] = [a / b for a, b in zip(first[m], values, strict=False)]
+    return ratios
+
+
 def run_rounds(targets: list[Target], args: argparse.Namespace) -> dict[str, list[float]]:
     """Every sample is taken from each server in turn (A B A B ...), so the drift of a
     shared machine's speed hits all servers alike; each metric is the median of its
@@ -152,9 +261,12 @@ def run_rounds(targets: list[Target], args: argparse.Namespace) -> dict[str, lis
         async with httpx.AsyncClient(timeout=600) as client:
             for t in targets:
                 await one(client, t, [{"role": "user", "content": QUESTION}], 8, args.ban_map)
-            kinds: list[tuple[str, Any]] = [("single", None)]
-            kinds += [("aggregate", c) for c in args.concurrency]
-            kinds += [("turns", None)]
+            kinds: list[tuple[str, Any]] = []
+            for scenario in args.scenarios:
+                if scenario == "aggregate":
+                    kinds += [("aggregate", c) for c in args.concurrency]
+                elif scenario != "restart":
+                    kinds.append((scenario, None))
             for kind, c in kinds:
                 for i in range(args.rounds):
                     for t in targets:
@@ -164,6 +276,10 @@ def run_rounds(targets: list[Target], args: argparse.Namespace) -> dict[str, lis
                             got = await sample_single(client, t, args)
                         elif kind == "aggregate":
                             got = await sample_aggregate(client, t, args, c, i)
+                        elif kind == "trimmed":
+                            got = await sample_trimmed(client, t, args, i)
+                        elif kind == "rotating":
+                            got = await sample_rotating(client, t, args, i)
                         else:
                             got = await sample_turns(client, t, args, i)
                         print(f"{t.name} {got}", file=sys.stderr)
@@ -204,12 +320,28 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
     raise SystemExit(f"server did not start: {proc.args}")
 
 
-def start(name: str, cmd: list[str], port: int, model: str, log_dir: Path) -> Target:
-    log = (log_dir / f"{name}.log").open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    t = Target(name, f"http://127.0.0.1:{port}/v1", model, proc)
-    wait_ready(t.url, proc)
+def start(
+    name: str, command: Callable[[Path], list[str]], port: int, model: str, log_dir: Path
+) -> Target:
+    t = Target(name, f"http://127.0.0.1:{port}/v1", model, command=command, port=port)
+    t.log_dir = log_dir  # type: ignore[attr-defined]
+    restart(t, Path(tempfile.mkdtemp(prefix="hostler-bench-")))
     return t
+
+
+def restart(t: Target, cache_dir: Path) -> None:
+    """(Re)start a server this script runs, with `cache_dir` for its prompt cache."""
+    stop(t)
+    assert t.command is not None
+    log = (t.log_dir / f"{t.name}.log").open("ab")  # type: ignore[attr-defined]
+    t.proc = subprocess.Popen(t.command(cache_dir), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    wait_ready(t.url, t.proc)
+
+
+def stop(t: Target) -> None:
+    if t.proc is not None and t.proc.poll() is None:
+        t.proc.send_signal(signal.SIGTERM)
+        t.proc.wait(timeout=120)
 
 
 def main() -> int:
@@ -220,7 +352,14 @@ def main() -> int:
     p.add_argument("--name", action="append", default=[], help="names for --url targets")
     p.add_argument("--model", default="smollm2-135m", help="model name sent to --url targets")
     p.add_argument("--hostler", action="store_true", help="start `hostler serve` on SmolLM2")
+    p.add_argument("--hostler-args", default="", help="extra `hostler serve` arguments")
     p.add_argument("--llama-server", type=Path, help="path of a llama-server binary to start")
+    p.add_argument(
+        "--llama-server-reuse",
+        type=int,
+        default=0,
+        help="also start llama-server with --cache-reuse N (needs --llama-server)",
+    )
     p.add_argument(
         "--llama-cpp-python", action="store_true", help="start python -m llama_cpp.server"
     )
@@ -232,6 +371,16 @@ def main() -> int:
         "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8, 16]
     )
     p.add_argument("--turns", type=int, default=6)
+    p.add_argument(
+        "--scenarios",
+        type=lambda s: s.split(","),
+        default=["single", "aggregate", "turns"],
+        help="comma list of: single, aggregate, turns, trimmed, rotating, restart",
+    )
+    p.add_argument("--window", type=int, default=9, help="trimmed: exchanges kept")
+    p.add_argument("--trimmed-turns", type=int, default=6, help="trimmed: turns measured")
+    p.add_argument("--chats", type=int, default=6, help="rotating: chats taking turns")
+    p.add_argument("--rotations", type=int, default=3, help="rotating: turns per chat")
     p.add_argument("--rounds", type=int, default=5, help="samples per metric per server")
     p.add_argument(
         "--one-round",
@@ -250,29 +399,44 @@ def main() -> int:
     try:
         if args.hostler:
             port = free_port()
-            cmd = [sys.executable, "-m", "server", "serve", "--model", "smollm2-135m"]
-            cmd += ["--port", str(port), "--slots", str(args.slots)]
-            cmd += ["--threads", str(args.threads), "--log-level", "warning"]
-            targets.append(start("hostler", cmd, port, "smollm2-135m", log_dir))
-        if args.llama_server:
+
+            def hostler(cache_dir: Path, port: int = port) -> list[str]:
+                cmd = [sys.executable, "-m", "server", "serve", "--model", "smollm2-135m"]
+                cmd += ["--port", str(port), "--slots", str(args.slots)]
+                cmd += ["--threads", str(args.threads), "--log-level", "warning"]
+                return [*cmd, "--cache-dir", str(cache_dir), *shlex.split(args.hostler_args)]
+
+            targets.append(start("hostler", hostler, port, "smollm2-135m", log_dir))
+        llama_servers = [("llama-server", 0)] if args.llama_server else []
+        if args.llama_server and args.llama_server_reuse:
+            llama_servers.append(("llama-server-reuse", args.llama_server_reuse))
+        for name, reuse in llama_servers:
             port = free_port()
-            cmd = [str(args.llama_server), "-m", gguf, "--port", str(port)]
-            cmd += ["-np", str(args.slots), "-t", str(args.threads), "-tb", str(args.threads)]
-            cmd += ["-c", str(args.ctx), "--kv-unified"]
-            targets.append(start("llama-server", cmd, port, "smollm2", log_dir))
+
+            def llama_server(_: Path, port: int = port, reuse: int = reuse) -> list[str]:
+                cmd = [str(args.llama_server), "-m", gguf, "--port", str(port)]
+                cmd += ["-np", str(args.slots), "-t", str(args.threads), "-tb", str(args.threads)]
+                cmd += ["-c", str(args.ctx), "--kv-unified"]
+                return cmd + (["--cache-reuse", str(reuse)] if reuse else [])
+
+            targets.append(start(name, llama_server, port, "smollm2", log_dir))
         if args.llama_cpp_python:
             port = free_port()
-            cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port)]
-            cmd += ["--n_threads", str(args.threads), "--n_ctx", str(args.ctx)]
-            # By default a new request cuts off the running one; queue them instead.
-            cmd += ["--interrupt_requests", "false"]
-            targets.append(start("llama-cpp-python", cmd, port, "smollm2", log_dir))
+
+            def llama_cpp_python(_: Path, port: int = port) -> list[str]:
+                cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf]
+                cmd += ["--port", str(port), "--n_threads", str(args.threads)]
+                cmd += ["--n_ctx", str(args.ctx)]
+                # By default a new request cuts off the running one; queue them instead.
+                return [*cmd, "--interrupt_requests", "false"]
+
+            targets.append(start("llama-cpp-python", llama_cpp_python, port, "smollm2", log_dir))
         ratios = run_rounds(targets, args)
+        if "restart" in args.scenarios:
+            ratios.update(run_restart(targets, args))
     finally:
         for t in targets:
-            if t.proc is not None:
-                t.proc.send_signal(signal.SIGTERM)
-                t.proc.wait(timeout=60)
+            stop(t)
     metrics = list(targets[0].results) if targets else []
     names = [t.name for t in targets]
     peers = targets[1:]
