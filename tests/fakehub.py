@@ -17,6 +17,7 @@ class FakeHub:
     files: dict[str, bytes] = field(default_factory=dict)  # "org/repo/file" -> bytes
     cut_after: int | None = None  # send only this many bytes of a GET body, then drop
     url: str = ""
+    ranges: list[str] = field(default_factory=list)  # Range headers of the GETs received
 
 
 def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
@@ -57,6 +58,18 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             data = self._lookup()
             if data is None:
                 self.do_HEAD()
+                return
+            wanted = self.headers.get("Range")
+            hub.ranges.append(wanted or "")
+            if wanted and wanted.startswith("bytes=") and wanted.endswith("-"):
+                start = int(wanted[6:-1])
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                etag = hashlib.sha256(data).hexdigest()
+                self.send_header("ETag", f'"{etag}"')
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                self.wfile.write(data[start:])
                 return
             self.send_response(200)
             self._headers(data)

@@ -15,6 +15,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _inside(v: str) -> str:
+    """A file name inside a repository or package: relative, and never climbing out."""
+    parts = v.replace("\\", "/").split("/")
+    if not v or v.startswith(("/", "\\")) or ":" in parts[0] or ".." in parts or "" in parts:
+        raise ValueError(f"'{v}' must be a relative path inside it, without '..'")
+    return v
+
+
 class HuggingFaceSource(_Strict):
     type: Literal["huggingface"] = "huggingface"
     repo: str = Field(
@@ -22,6 +30,8 @@ class HuggingFaceSource(_Strict):
     )
     file: str = Field(description="GGUF file name inside the repository.")
     revision: str = Field("main", description="Branch, tag or commit to download.")
+
+    _file = field_validator("file")(_inside)
     sha256: str | None = Field(
         None, description="Expected SHA-256 of the file; checked before the file is used."
     )
@@ -43,6 +53,8 @@ class PackageSource(_Strict):
     type: Literal["package"] = "package"
     package: str = Field(description="An installed Python package that ships the GGUF file.")
     file: str = Field(description="The file's path inside the package.")
+
+    _file = field_validator("file")(_inside)
 
 
 Source = Annotated[HuggingFaceSource | PathSource | PackageSource, Field(discriminator="type")]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import time
 from pathlib import Path
 
 from server.errors import DownloadError
@@ -27,7 +26,10 @@ def local_file(spec: ModelSpec) -> Path | None:
         return path if path.is_file() else None
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(src.repo, src.file, revision=src.revision)
+    try:
+        cached = try_to_load_from_cache(src.repo, src.file, revision=src.revision)
+    except ValueError:  # e.g. a repo id huggingface_hub rejects: not present, not a crash
+        return None
     return Path(cached) if isinstance(cached, str) and os.path.isfile(cached) else None
 
 
@@ -91,7 +93,7 @@ def download(spec: ModelSpec, *, progress: bool = True) -> Path:
             raise DownloadError(f"{spec.id}: the file is not present ({where})")
         verify(spec, path)
         return path
-    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub import constants
     from huggingface_hub.errors import (
         EntryNotFoundError,
         HfHubHTTPError,
@@ -103,30 +105,79 @@ def download(spec: ModelSpec, *, progress: bool = True) -> Path:
         enable_progress_bars,
     )
 
-    started = time.time()
     (disable_progress_bars if not progress else enable_progress_bars)()
     try:
-        path = Path(hf_hub_download(src.repo, src.file, revision=src.revision))
+        path = _resumable_download(src, Path(constants.HF_HUB_CACHE), progress)
     except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as exc:
         raise DownloadError(
             f"{spec.id}: {src.repo}@{src.revision} has no file {src.file} (404)"
         ) from exc
     except (HfHubHTTPError, OSError, ValueError) as exc:
-        _drop_partial(constants.HF_HUB_CACHE, src.repo, started)
-        raise DownloadError(f"{spec.id}: download of {src.file} failed: {exc}") from exc
+        raise DownloadError(
+            f"{spec.id}: download of {src.file} failed: {exc}; run the pull again to resume"
+        ) from exc
     except Exception as exc:
-        _drop_partial(constants.HF_HUB_CACHE, src.repo, started)
-        raise DownloadError(f"{spec.id}: download of {src.file} failed: {exc}") from exc
+        raise DownloadError(
+            f"{spec.id}: download of {src.file} failed: {exc}; run the pull again to resume"
+        ) from exc
     verify(spec, path)
     return path
 
 
-def _drop_partial(cache: str, repo: str, since: float) -> None:
-    """Remove the partial blob a failed transfer left, so no half file stays in the cache."""
-    blobs = Path(cache) / ("models--" + repo.replace("/", "--")) / "blobs"
-    for p in blobs.glob("*.incomplete"):
-        try:
-            if p.stat().st_mtime >= since - 1:
-                p.unlink()
-        except FileNotFoundError:
-            pass
+def _resumable_download(src: HuggingFaceSource, cache: Path, progress: bool) -> Path:
+    """Download into huggingface_hub's cache layout, resuming a partial blob.
+
+    huggingface_hub writes each attempt to a new uniquely named `.incomplete` file, so an
+    interrupted pull of a 7 GB file started again from byte 0 and left its partial file
+    behind. Here the partial blob has one name per file version (`<etag>.incomplete`), the
+    next pull continues it with an HTTP Range request, and leftovers of earlier attempts
+    are removed. The result is the usual blob + snapshot link, which
+    `try_to_load_from_cache` finds.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session  # type: ignore[attr-defined]
+    from tqdm.auto import tqdm
+
+    url = hf_hub_url(src.repo, src.file, revision=src.revision)
+    meta = get_hf_file_metadata(url)
+    if not meta.etag or not meta.commit_hash:
+        raise ValueError("the hub did not say which version of the file it serves")
+    repo_dir = cache / ("models--" + src.repo.replace("/", "--"))
+    blobs = repo_dir / "blobs"
+    blobs.mkdir(parents=True, exist_ok=True)
+    blob = blobs / meta.etag
+    partial = blobs / f"{meta.etag}.incomplete"
+    for orphan in blobs.glob(f"{meta.etag}.*.incomplete"):  # huggingface_hub's leftovers
+        orphan.unlink(missing_ok=True)
+    if not blob.exists():
+        have = partial.stat().st_size if partial.exists() else 0
+        headers = build_hf_headers()
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        with get_session().stream(
+            "GET", meta.location, headers=headers, follow_redirects=True, timeout=60
+        ) as r:
+            r.raise_for_status()
+            if r.status_code != 206:  # the server ignored the range: start over
+                have = 0
+            bar = tqdm(
+                total=meta.size, initial=have, unit="B", unit_scale=True, disable=not progress
+            )
+            with partial.open("ab" if have else "wb") as f, bar:
+                for chunk in r.iter_bytes():  # as received: a cut keeps every byte
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        got = partial.stat().st_size
+        if meta.size is not None and got != meta.size:
+            raise OSError(f"the transfer stopped at {got} of {meta.size} bytes")
+        os.replace(partial, blob)
+    snapshot = repo_dir / "snapshots" / meta.commit_hash / src.file
+    snapshot.parent.mkdir(parents=True, exist_ok=True)
+    if not snapshot.exists():
+        snapshot.unlink(missing_ok=True)  # a dangling link
+        snapshot.symlink_to(os.path.relpath(blob, snapshot.parent))
+    if src.revision != meta.commit_hash:
+        refs = repo_dir / "refs" / src.revision
+        refs.parent.mkdir(parents=True, exist_ok=True)
+        refs.write_text(meta.commit_hash)
+    return snapshot

