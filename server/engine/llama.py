@@ -96,8 +96,11 @@ class LlamaModel:
         self._pieces: dict[int, bytes] = {}
         self._special_pieces: dict[int, bytes] = {}
         self._eog = np.zeros(self.n_vocab, dtype=bool)
+        longest = 1
         for tok in range(self.n_vocab):
             self._eog[tok] = bool(lc.llama_vocab_is_eog(self.vocab, tok))
+            longest = max(longest, len(self._to_piece(tok, special=True)))
+        self.max_token_bytes = longest
         self.eog_ids = np.flatnonzero(self._eog)
         self.info = self._read_info()
 
@@ -132,6 +135,7 @@ class LlamaModel:
             gpu_offload=self.options.n_gpu_layers != 0 and bool(lc.llama_supports_gpu_offload()),
             slots=self.options.slots,
             bos_id=bos,
+            max_token_bytes=self.max_token_bytes,
         )
 
     # -- tokens ---------------------------------------------------------------------

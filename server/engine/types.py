@@ -105,6 +105,9 @@ class ModelInfo:
     slots: int
     bos_id: int = -1
     """The BOS token's id, -1 when the vocabulary has none."""
+    max_token_bytes: int = 64
+    """The longest token's text in bytes: a text of more than n_ctx times this many bytes
+    cannot fit the context, which is known without tokenizing it."""
 
 
 class GenerationHandle(Protocol):

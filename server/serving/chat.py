@@ -9,7 +9,7 @@ from typing import Any
 
 from server.engine.types import SeqOutput
 from server.engine.types import TokenLogprob as EngineLogprob
-from server.errors import BadRequestError, EngineError
+from server.errors import BadRequestError, ContextLengthError, EngineError
 from server.protocol.chat import (
     ChatChoice,
     ChatCompletion,
@@ -21,7 +21,7 @@ from server.protocol.chat import (
 from server.protocol.common import ChoiceLogprobs, TokenLogprob, TopLogprob
 from server.serving.job import FINGERPRINT, Caller, Job, JobFactory, Submission
 from server.serving.models import ServedModel
-from server.serving.prompt import Prompt, build_prompt
+from server.serving.prompt import Prompt, build_prompt, byte_limit, render_prompt
 from server.serving.structured import check_grammar, response_grammar
 from server.serving.tools import ToolCallStream, ToolPlan, plan_tools
 from server.serving.transforms import middle_out, middle_out_enabled
@@ -203,18 +203,38 @@ class ChatService:
         request: ChatCompletionRequest,
         tools: ToolPlan | None,
     ) -> Prompt:
-        """The rendered prompt; shortened by middle-out when it would not fit."""
+        """The rendered prompt; shortened by middle-out when it would not fit.
+
+        A text too long to fit whatever its tokens (more bytes than the context times the
+        longest token) is never tokenized whole: without middle-out it is a 400 at once;
+        with it, messages are first dropped by byte length, then by tokens.
+        """
         engine = served.engine
-        prompt = build_prompt(engine, template, request.messages, tools)
         n_ctx = engine.info.n_ctx
+        limit = byte_limit(engine)
+        messages = request.messages
+        text, _ = render_prompt(engine, template, messages, tools)
+        if len(text.encode("utf-8")) > limit:
+            if not middle_out_enabled(request.transforms):
+                raise ContextLengthError(
+                    f"the prompt is far longer than this model's context of {n_ctx} tokens",
+                    param="messages",
+                )
+
+            def fits_bytes(msgs: list[ChatMessage]) -> bool:
+                rendered, _ = render_prompt(engine, template, msgs, tools)
+                return len(rendered.encode("utf-8")) <= limit
+
+            messages = middle_out(messages, fits_bytes) or messages
+        prompt = build_prompt(engine, template, messages, tools)
         budget = n_ctx - (request.requested_max_tokens or 1)
         if len(prompt.tokens) <= budget or not middle_out_enabled(request.transforms):
             return prompt  # the job factory reports a prompt that does not fit
 
-        def fits(messages: list[ChatMessage]) -> bool:
-            return len(build_prompt(engine, template, messages, tools).tokens) <= budget
+        def fits(msgs: list[ChatMessage]) -> bool:
+            return len(build_prompt(engine, template, msgs, tools).tokens) <= budget
 
-        kept = middle_out(request.messages, fits)
+        kept = middle_out(messages, fits)
         if kept is None:
             return prompt  # cannot fit: the job factory reports exactly why
         return build_prompt(engine, template, kept, tools)

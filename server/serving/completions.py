@@ -14,7 +14,7 @@ from typing import Any
 
 from server.engine.types import SeqOutput
 from server.engine.types import TokenLogprob as EngineLogprob
-from server.errors import BadRequestError, EngineError
+from server.errors import BadRequestError, ContextLengthError, EngineError
 from server.protocol.common import PromptTokensDetails, Usage
 from server.protocol.completions import (
     Completion,
@@ -24,7 +24,7 @@ from server.protocol.completions import (
 )
 from server.serving.job import FINGERPRINT, Caller, Job, JobFactory, Submission
 from server.serving.models import ServedModel
-from server.serving.prompt import tokenize_prompt
+from server.serving.prompt import byte_limit, clip_middle, tokenize_prompt
 from server.serving.structured import check_grammar, response_grammar
 from server.serving.transforms import middle_out_enabled, middle_out_tokens
 
@@ -216,16 +216,26 @@ class CompletionService:
         grammar = response_grammar(request.response_format)
         if grammar is not None:
             check_grammar(served.engine, grammar, "response_format")
-        prompts = [self._tokens(served, p) for p in request.prompts]
-        if middle_out_enabled(request.transforms):
+        trim = middle_out_enabled(request.transforms)
+        prompts = [self._tokens(served, p, trim) for p in request.prompts]
+        if trim:
             budget = served.engine.info.n_ctx - (request.requested_max_tokens or 1)
             prompts = [middle_out_tokens(t, max(budget, 1)) for t in prompts]
         return grammar, prompts
 
     @staticmethod
-    def _tokens(served: ServedModel, prompt: str | list[int]) -> list[int]:
+    def _tokens(served: ServedModel, prompt: str | list[int], trim: bool) -> list[int]:
         engine = served.engine
         if isinstance(prompt, str):
+            limit = byte_limit(engine)
+            if len(prompt.encode("utf-8")) > limit:
+                if not trim:
+                    raise ContextLengthError(
+                        "the prompt is far longer than this model's context of"
+                        f" {engine.info.n_ctx} tokens",
+                        param="prompt",
+                    )
+                prompt = clip_middle(prompt, limit)  # middle-out cuts the middle anyway
             return tokenize_prompt(engine, prompt)
         n_vocab = engine.info.n_vocab
         bad = [t for t in prompt if not 0 <= t < n_vocab]

@@ -87,6 +87,17 @@ def build_prompt(
     messages: list[ChatMessage],
     tools: ToolPlan | None = None,
 ) -> Prompt:
+    text, prefill = render_prompt(engine, template, messages, tools)
+    return Prompt(text, tokenize_prompt(engine, text), prefill)
+
+
+def render_prompt(
+    engine: Engine,
+    template: ChatTemplate,
+    messages: list[ChatMessage],
+    tools: ToolPlan | None = None,
+) -> tuple[str, str]:
+    """The prompt text, and the assistant prefill it ends with ("" when none)."""
     msgs = to_template_messages(messages, template, tools)
     prefill = ""
     if len(msgs) > 1 and msgs[-1]["role"] == "assistant":
@@ -106,7 +117,25 @@ def build_prompt(
     text += prefill
     if tools is not None:
         text += tools.prefill  # a forced tool call starts with its marker
-    return Prompt(text, tokenize_prompt(engine, text), prefill)
+    return text, prefill
+
+
+def byte_limit(engine: Engine) -> int:
+    """Texts longer than this (in UTF-8 bytes) cannot fit the context, whatever they say."""
+    info = engine.info
+    return info.n_ctx * info.max_token_bytes
+
+
+def clip_middle(text: str, limit: int) -> str:
+    """`text` with its middle removed to at most `limit` bytes (for middle-out, before
+    tokenizing: the tokens of the part removed would be dropped anyway)."""
+    data = text.encode("utf-8")
+    if len(data) <= limit:
+        return text
+    half = limit // 2
+    head = data[:half].decode("utf-8", errors="ignore")
+    tail = data[len(data) - half :].decode("utf-8", errors="ignore")
+    return head + tail
 
 
 def tokenize_prompt(engine: Engine, text: str) -> list[int]:

@@ -241,3 +241,33 @@ def test_grammar_bombs_are_400_before_the_stream(api: Api, stream: bool, schema:
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
     r, body = api.chat({"response_format": fmt}, stream)
     _error(body, 400, r.status_code, "response_format")
+
+
+def test_huge_prompts_are_never_tokenized_whole(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    longest: list[int] = [0]
+    real = api.engine.tokenize
+
+    def tokenize(text: str, *, add_special: bool) -> list[int]:
+        longest[0] = max(longest[0], len(text))
+        return real(text, add_special=add_special)
+
+    monkeypatch.setattr(api.engine, "tokenize", tokenize)
+    limit = api.engine.info.n_ctx * api.engine.info.max_token_bytes
+    huge = "word " * 200_000  # 1 MB, against a 256-token context
+    r, body = api.chat({"messages": [{"role": "user", "content": huge}], "transforms": []}, False)
+    _error(body, 400, r.status_code, "messages")
+    msgs = [
+        {"role": "system", "content": "card"},
+        *({"role": "user", "content": huge[:50_000] + str(i)} for i in range(20)),
+        {"role": "user", "content": "last"},
+    ]
+    r, _ = api.chat({"messages": msgs, "max_tokens": 8}, False)
+    assert r.status_code == 200
+    r = api.client.post("/v1/completions", json={"model": "fake", "prompt": huge, "max_tokens": 8})
+    assert r.status_code == 200
+    r = api.client.post(
+        "/v1/completions",
+        json={"model": "fake", "prompt": huge, "max_tokens": 8, "transforms": []},
+    )
+    _error(r.json(), 400, r.status_code, "prompt")
+    assert 0 < longest[0] <= 2 * limit
