@@ -21,7 +21,13 @@ from server.protocol.chat import (
 from server.protocol.common import ChoiceLogprobs, TokenLogprob, TopLogprob
 from server.serving.job import FINGERPRINT, Caller, Job, JobFactory, Submission
 from server.serving.models import ServedModel
-from server.serving.prompt import Prompt, build_prompt, byte_limit, render_prompt
+from server.serving.prompt import (
+    Prompt,
+    build_prompt,
+    byte_limit,
+    render_prompt,
+    tokenize_prompt,
+)
 from server.serving.structured import check_grammar, response_grammar
 from server.serving.tools import ToolCallStream, ToolPlan, plan_tools
 from server.serving.transforms import middle_out, middle_out_enabled
@@ -213,7 +219,7 @@ class ChatService:
         n_ctx = engine.info.n_ctx
         limit = byte_limit(engine)
         messages = request.messages
-        text, _ = render_prompt(engine, template, messages, tools)
+        text, prefill = render_prompt(engine, template, messages, tools)
         if len(text.encode("utf-8")) > limit:
             if not middle_out_enabled(request.transforms):
                 raise ContextLengthError(
@@ -226,7 +232,8 @@ class ChatService:
                 return len(rendered.encode("utf-8")) <= limit
 
             messages = middle_out(messages, fits_bytes) or messages
-        prompt = build_prompt(engine, template, messages, tools)
+            text, prefill = render_prompt(engine, template, messages, tools)
+        prompt = Prompt(text, tokenize_prompt(engine, text), prefill)
         budget = n_ctx - (request.requested_max_tokens or 1)
         if len(prompt.tokens) <= budget or not middle_out_enabled(request.transforms):
             return prompt  # the job factory reports a prompt that does not fit

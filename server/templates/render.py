@@ -12,6 +12,7 @@ import functools
 import json
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -146,36 +147,76 @@ def _environment() -> BoundedSandbox:
     return env
 
 
+class _Watchdog:
+    """One thread that interrupts renders past their deadline (no thread per render).
+
+    It polls a few times a second instead of being woken for each render: waking it
+    would make the rendering thread hand over the GIL, a measurable cost per request.
+    """
+
+    POLL = 0.2
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._deadlines: dict[int, float] = {}  # thread id -> monotonic deadline
+        self._fired: set[int] = set()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, tid: int, seconds: float) -> None:
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="hostler-render-watchdog")
+                self._thread.daemon = True
+                self._thread.start()
+            self._deadlines[tid] = time.monotonic() + seconds
+
+    def unwatch(self, tid: int) -> bool:
+        """Stop watching; True if the deadline passed (any exception still pending in
+        the thread is withdrawn, so it cannot surface after this call)."""
+        with self._cond:
+            self._deadlines.pop(tid, None)
+            fired = tid in self._fired
+            if fired:
+                self._fired.discard(tid)
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), None)
+            return fired
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                for tid, deadline in list(self._deadlines.items()):
+                    if deadline <= now:
+                        del self._deadlines[tid]
+                        self._fired.add(tid)
+                        ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                            ctypes.c_ulong(tid), ctypes.py_object(_RenderTimeout)
+                        )
+                nearest = min(self._deadlines.values(), default=now + self.POLL)
+                self._cond.wait(min(max(nearest - now, 0.001), self.POLL))
+
+
+_WATCHDOG = _Watchdog()
+
+
 def run_with_deadline(fn: Callable[[], T], seconds: float) -> T:
-    """Run `fn` in this thread; past `seconds`, interrupt it with _RenderTimeout.
+    """Run `fn` in this thread; past `seconds`, interrupt it and raise TemplateError.
 
     Python code cannot be killed from outside, but an asynchronous exception raised
     into its thread stops a pure-Python loop (a template's nested `for`) at its next
     bytecode.
     """
     tid = threading.get_ident()
-    lock = threading.Lock()
-    running = True
-
-    def interrupt() -> None:
-        with lock:
-            if running:
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                    ctypes.c_ulong(tid), ctypes.py_object(_RenderTimeout)
-                )
-
-    timer = threading.Timer(seconds, interrupt)
-    timer.daemon = True
-    timer.start()
+    _WATCHDOG.watch(tid, seconds)
     try:
-        try:
-            return fn()
-        finally:
-            with lock:
-                running = False
-            timer.cancel()
+        result = fn()
     except _RenderTimeout:
-        raise TemplateError(f"the template took longer than {seconds:g} s to render") from None
+        pass  # reported below
+    finally:
+        timed_out = _WATCHDOG.unwatch(tid)
+    if timed_out:
+        raise TemplateError(f"the template took longer than {seconds:g} s to render")
+    return result
 
 
 _ENV = _environment()

@@ -1,5 +1,7 @@
 """Fuzz tier: random and mutated bodies against the app (fake engine), bounded in count.
 
+The fields come from our own OpenAPI document, so new request fields are fuzzed too.
+
 Whatever a client sends, the answer is never a 5xx, and every error has our shape.
 """
 
@@ -14,16 +16,16 @@ from hypothesis import strategies as st
 
 from tests.api.conftest import Api, make_api
 
-FIELDS = [
-    "model", "messages", "max_tokens", "temperature", "top_p", "top_k", "min_p", "top_a",
-    "typical_p", "top_n_sigma", "frequency_penalty", "presence_penalty", "repetition_penalty",
-    "repetition_penalty_range", "seed", "stop", "n", "stream", "logit_bias", "logprobs",
-    "top_logprobs", "response_format", "min_tokens", "ignore_eos", "dry_multiplier",
-    "dry_base", "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers",
-    "xtc_threshold", "xtc_probability", "mirostat_mode", "mirostat_tau", "mirostat_eta",
-    "dynatemp_range", "dynatemp_exponent", "sampler_order", "transforms", "tools",
-    "tool_choice", "models", "template", "prompt", "echo", "suffix", "best_of",
-]  # fmt: skip
+
+def _request_fields(openapi: dict[str, Any]) -> list[str]:
+    """Every field of the request bodies our OpenAPI document describes."""
+    names: set[str] = set()
+    for schema in openapi["components"]["schemas"].values():
+        if schema.get("title") in ("ChatCompletionRequest", "CompletionRequest"):
+            names |= set(schema.get("properties", {}))
+    assert {"messages", "prompt", "temperature", "logit_bias"} <= names
+    return sorted(names)
+
 
 scalars = (
     st.none()
@@ -44,9 +46,9 @@ message = st.fixed_dictionaries(
 )
 
 
-def _body() -> st.SearchStrategy[dict[str, Any]]:
+def _body(fields: list[str]) -> st.SearchStrategy[dict[str, Any]]:
     base = {"model": "fake", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
-    mutated = st.dictionaries(st.sampled_from(FIELDS), values, max_size=4).map(
+    mutated = st.dictionaries(st.sampled_from(fields), values, max_size=4).map(
         lambda extra: {**base, **extra}
     )
     with_messages = st.lists(message, min_size=0, max_size=3).map(
@@ -70,6 +72,7 @@ def _check(api: Api, path: str, body: Any) -> None:
 def test_fuzz_bodies(tmp_path: Path) -> None:
     apis = make_api(tmp_path)
     api = next(apis)
+    fields = _request_fields(api.client.get("/openapi.json").json())
 
     @settings(
         max_examples=150,
@@ -77,7 +80,7 @@ def test_fuzz_bodies(tmp_path: Path) -> None:
         derandomize=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
-    @given(body=_body(), path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
+    @given(body=_body(fields), path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
     def run(body: dict[str, Any], path: str) -> None:
         if path == "/v1/completions" and "prompt" not in body:
             body = {**body, "prompt": "Hi"}
