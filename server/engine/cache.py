@@ -57,6 +57,11 @@ def tokens_key(tokens: Tokens) -> str:
     return hashlib.sha256(tokens.tobytes()).hexdigest()[:32]
 
 
+def extends(longer: Tokens, shorter: Tokens) -> bool:
+    """True if `shorter` is a prefix of `longer` (the longer entry serves both)."""
+    return len(shorter) <= len(longer) and common_prefix(longer, shorter) == len(shorter)
+
+
 @dataclass(eq=False)
 class Entry:
     tokens: Tokens
@@ -231,7 +236,7 @@ class DiskTier:
     def _drop_covered(self, tokens: Tokens) -> None:
         """Remove entries whose tokens are a prefix of `tokens` (the new one covers them)."""
         for name, e in list(self._index.items()):
-            if len(e.tokens) <= len(tokens) and common_prefix(e.tokens, tokens) == len(e.tokens):
+            if extends(tokens, e.tokens):
                 self._remove(name)
 
     def _evict(self) -> None:
@@ -257,20 +262,21 @@ class PromptCache:
 
     def covers(self, tokens: Tokens) -> bool:
         """True if an entry already holds `tokens` (or a continuation of them)."""
-        for e in self.ram.values():
-            if len(e.tokens) >= len(tokens) and common_prefix(e.tokens, tokens) == len(tokens):
-                return True
-        return False
+        return any(extends(e.tokens, tokens) for e in self.ram.values())
 
     def save(self, tokens: Tokens, state: bytes) -> None:
         if len(tokens) < MIN_TOKENS or self.covers(tokens):
             return
         for name, e in list(self.ram.items()):  # the new entry extends these
-            if len(e.tokens) <= len(tokens) and common_prefix(e.tokens, tokens) == len(e.tokens):
+            if extends(tokens, e.tokens):
                 self._drop(name)
         self.stats.saves += 1
         if self.disk is not None:
             self.disk.put(tokens, state)
+        self._put(tokens, state)
+
+    def _put(self, tokens: Tokens, state: bytes) -> None:
+        """Keep `state` in RAM (if it fits at all), evicting the least recent entries."""
         if len(state) > self.limit:
             return
         self.ram[tokens_key(tokens)] = Entry(tokens=tokens, size=len(state), state=state)
@@ -309,13 +315,8 @@ class PromptCache:
             return entry.state
         assert self.disk is not None
         state = self.disk.load(entry)
-        if state is not None and len(state) <= self.limit:
-            self.ram[tokens_key(entry.tokens)] = Entry(entry.tokens, len(state), state)
-            self.stats.bytes += len(state)
-            while self.stats.bytes > self.limit:
-                self._drop(next(iter(self.ram)))
-                self.stats.evictions += 1
-            self.stats.entries = len(self.ram)
+        if state is not None:
+            self._put(entry.tokens, state)
         return state
 
     def health(self) -> dict[str, Any]:
