@@ -201,9 +201,15 @@ def test_absent_model_does_not_evict_the_working_one(tmp_path: Path) -> None:
         "{{ 'a'.ljust(1000000000) }}",
         "{{ 'a'|center(1000000000) }}",
         "{{ '%01000000000d' % 1 }}",
-        "{% set x = 'ab' %}{% for i in range(40) %}{% set x = x ~ x %}{% endfor %}{{ x }}",
+        "{{ '{:>1000000000}'.format(1) }}",
+        "{% set ns = namespace(x='ab') %}{% for i in range(40) %}"
+        "{% set ns.x = ns.x ~ ns.x %}{% endfor %}{{ ns.x }}",
+        "{% set ns = namespace(x=[1]) %}{% for i in range(40) %}"
+        "{% set ns.x = ns.x + ns.x %}{% endfor %}{{ ns.x|length }}",
         "{{ 2 ** 1000000000 }}",
-        "{{ messages.__class__ }}",
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ raise_exception('no') }}",
+        "{{ 1 / 0 }}",
     ],
 )
 def test_hostile_templates_are_400(api: Api, template: str) -> None:
@@ -211,9 +217,8 @@ def test_hostile_templates_are_400(api: Api, template: str) -> None:
 
     api.models._templates[("fake", "hostile")] = ChatTemplate("hostile", template)
     r, body = api.chat({"template": "hostile"}, False)
-    assert r.status_code in (200, 400), body
-    if r.status_code == 200:  # the sandbox turned it into harmless text
-        assert len(api.engine.requests[-1].prompt_tokens) < 100_000
+    _error(body, 400, r.status_code, "messages")
+    assert not api.engine.requests
 
 
 def test_slow_template_is_stopped(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
