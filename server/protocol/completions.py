@@ -9,6 +9,8 @@ from pydantic import BaseModel, Field, field_validator
 from server.protocol.common import SamplingFields, Usage
 
 PromptInput = str | list[str] | list[int] | list[list[int]]
+# A batch of prompts becomes one job each; more than this is a 400, not a queue flood.
+MAX_PROMPTS = 64
 
 
 class CompletionRequest(SamplingFields):
@@ -24,6 +26,8 @@ class CompletionRequest(SamplingFields):
     def _not_empty(cls, v: PromptInput) -> PromptInput:
         if isinstance(v, list) and (not v or any(isinstance(p, list) and not p for p in v)):
             raise ValueError("must not be empty")
+        if isinstance(v, list) and not isinstance(v[0], int) and len(v) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts in one request")
         return v
 
     @property

@@ -276,3 +276,10 @@ def test_huge_prompts_are_never_tokenized_whole(api: Api, monkeypatch: pytest.Mo
     )
     _error(r.json(), 400, r.status_code, "prompt")
     assert 0 < longest[0] <= 2 * limit
+
+
+def test_prompt_batches_are_bounded(api: Api) -> None:
+    body = {"model": "fake", "prompt": ["x"] * 65, "max_tokens": 2}
+    r = api.client.post("/v1/completions", json=body)
+    _error(r.json(), 400, r.status_code, "prompt")
+    assert not api.engine.requests
