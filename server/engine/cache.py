@@ -96,7 +96,8 @@ class DiskTier:
         self._lock = threading.Lock()
         self._index: OrderedDict[str, Entry] = OrderedDict()  # least recent first
         self._queue: queue.Queue[tuple[str, Tokens, bytes] | None] = queue.Queue()
-        folder.mkdir(parents=True, exist_ok=True)
+        # The entries hold recent prompts (as tokens): readable by this user only.
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._scan()
         self._writer = threading.Thread(target=self._write_loop, name="hostler-cache-disk")
         self._writer.daemon = True
@@ -216,7 +217,8 @@ class DiskTier:
         head = _HEAD.pack(MAGIC, self.model_key, len(tokens), len(state))
         digest = hashlib.sha256()
         tmp = path.with_suffix(".tmp")
-        with tmp.open("wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
             for part in (head, tokens.astype(np.int32).tobytes(), state):
                 digest.update(part)
                 f.write(part)
