@@ -113,21 +113,17 @@ class ChatJob:
             "system_fingerprint": FINGERPRINT,
         }
         splits = [self._tool_stream() for _ in range(job.n)]
-        yield {
-            **head,
-            "choices": [
-                {"index": i, "delta": {"role": "assistant", "content": ""}} for i in range(job.n)
-            ],
-        }
+        # One choice per chunk: many clients (SillyTavern among them) read only
+        # choices[0] of each chunk, and would lose the other choices' text.
+        for i in range(job.n):
+            opening = {"role": "assistant", "content": ""}
+            yield {**head, "choices": [{"index": i, "delta": opening, "finish_reason": None}]}
         try:
             async for outputs in job.steps():
-                choices = []
                 for o in outputs:
                     choice = self._chunk_choice(o, splits[o.index])
                     if choice is not None:
-                        choices.append(choice)
-                if choices:
-                    yield {**head, "choices": choices}
+                        yield {**head, "choices": [choice]}
         except EngineError as exc:
             yield exc.to_body()
             return
@@ -149,9 +145,8 @@ class ChatJob:
                 finish = "tool_calls"
         if not (delta or finish or o.logprobs):
             return None
-        choice: dict[str, Any] = {"index": o.index, "delta": delta}
-        if finish is not None:
-            choice["finish_reason"] = finish
+        # The key is always there (null until the last chunk), as OpenAI's schema has it.
+        choice: dict[str, Any] = {"index": o.index, "delta": delta, "finish_reason": finish}
         lp = chat_logprobs(o.logprobs)
         if lp is not None:
             choice["logprobs"] = lp.model_dump(exclude_none=True)

@@ -108,7 +108,10 @@ class CompletionJob:
         offsets = [0] * sum(j.n for j in self.jobs)
 
         def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> dict[str, Any]:
-            return self._body(choices, usage).model_dump(exclude_none=True)
+            body = self._body(choices, usage).model_dump(exclude_none=True)
+            for c, dumped in zip(choices, body["choices"], strict=True):
+                dumped["finish_reason"] = c.finish_reason  # null until the last, as OpenAI's
+            return body
 
         def choice(p: int, o: SeqOutput) -> CompletionChoice:
             index = p * self.jobs[p].n + o.index
@@ -121,14 +124,16 @@ class CompletionJob:
         for p, echo in enumerate(self.echoes):
             if echo:
                 n = self.jobs[p].n
-                yield chunk([CompletionChoice(index=p * n + i, text=echo) for i in range(n)])
+                for i in range(n):
+                    yield chunk([CompletionChoice(index=p * n + i, text=echo)])
                 for i in range(n):
                     offsets[p * n + i] = len(echo)
         try:
             async for p, outputs in _merge(self.jobs):
-                choices = [choice(p, o) for o in outputs if o.text or o.finish_reason or o.logprobs]
-                if choices:
-                    yield chunk(choices)
+                # One choice per chunk: clients that read only choices[0] see every one.
+                for o in outputs:
+                    if o.text or o.finish_reason or o.logprobs:
+                        yield chunk([choice(p, o)])
         except EngineError as exc:
             yield exc.to_body()
             return
@@ -220,7 +225,8 @@ class CompletionService:
         prompts = [self._tokens(served, p, trim) for p in request.prompts]
         if trim:
             budget = served.engine.info.n_ctx - (request.requested_max_tokens or 1)
-            prompts = [middle_out_tokens(t, max(budget, 1)) for t in prompts]
+            if budget >= 1:  # else max_tokens alone is too large: reported with the real count
+                prompts = [middle_out_tokens(t, budget) for t in prompts]
         return grammar, prompts
 
     @staticmethod

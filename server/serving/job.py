@@ -217,7 +217,7 @@ class JobFactory:
         max_tokens = sub.max_tokens or self.max_tokens(
             served, request, len(sub.prompt_tokens), sub.prompt_param
         )
-        params = to_sampling_params(
+        params, dropped = to_sampling_params(
             request, served.spec.defaults, info.n_vocab, info.n_ctx, sub.grammar
         )
         stop_text, stop_ids = self._stops(served, request.stop_list, sub.template_stops)
@@ -238,7 +238,7 @@ class JobFactory:
             referer=caller.referer,
             title=caller.title,
         )
-        ignored = ignored_params(request) + [p for p in sub.ignored if p]
+        ignored = ignored_params(request) + [p for p in sub.ignored if p] + dropped
         return Job(
             record.id,
             sub.model_name,

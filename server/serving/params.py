@@ -56,7 +56,15 @@ def to_sampling_params(
     n_vocab: int,
     n_ctx: int,
     grammar: str | None = None,
-) -> SamplingParams:
+) -> tuple[SamplingParams, list[str]]:
+    """The engine's parameters, and what of the request was dropped (for the header).
+
+    A `logit_bias` token id outside this model's vocabulary is dropped and reported as
+    `logit_bias[<id>]`: frontends send presets made for other tokenizers (SillyTavern's
+    "Anti-bond" sends tiktoken ids to every backend), and failing every reply for them
+    helps no one. Values out of range are still a 400.
+    """
+
     def pick(name: str, fallback: float) -> float:
         value = getattr(request, name)
         if value is None:
@@ -64,13 +72,12 @@ def to_sampling_params(
         return fallback if value is None else value
 
     bias: dict[int, float] = {}
+    dropped: list[str] = []
     for key, value in (request.logit_bias or {}).items():
         token = int(key)
         if not 0 <= token < n_vocab:
-            raise BadRequestError(
-                f"logit_bias: token id {token} is outside the vocabulary (0..{n_vocab - 1})",
-                param="logit_bias",
-            )
+            dropped.append(f"logit_bias[{token}]")
+            continue
         bias[token] = float("-inf") if value <= -100 else value
     order = None
     if request.sampler_order is not None:
@@ -83,7 +90,7 @@ def to_sampling_params(
                 param="sampler_order",
             )
         order = tuple(request.sampler_order)
-    return SamplingParams(
+    params = SamplingParams(
         temperature=pick("temperature", 1.0),
         top_k=int(pick("top_k", 0)),
         top_p=pick("top_p", 1.0),
@@ -121,3 +128,4 @@ def to_sampling_params(
         grammar=grammar,
         sampler_order=order,
     )
+    return params, dropped

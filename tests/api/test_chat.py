@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -90,7 +91,6 @@ def test_model_defaults_and_request_override(api: Api, stream: bool) -> None:
         ({"n": 0}, "n"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
-        ({"logit_bias": {"5000": 1}}, "logit_bias"),
         ({"logit_bias": {"5": 101}}, "logit_bias"),
         ({"stream_options": "yes"}, "stream_options"),
     ],
@@ -239,3 +239,27 @@ def test_sampler_order_names_the_orderable_stages(api: Api) -> None:
     r, _ = api.chat({"sampler_order": ["temperature", "min_p"]}, False)
     assert r.status_code == 200
     assert api.engine.requests[-1].params.sampler_order == ("temperature", "min_p")
+
+
+def test_streamed_chunks_hold_one_choice_and_a_finish_reason_key(api: Api) -> None:
+    body = {"model": "fake", "messages": [{"role": "user", "content": "Hi"}], "n": 2}
+    for path, extra in (("/v1/chat/completions", {}), ("/v1/completions", {"prompt": "Hi"})):
+        with api.client.stream("POST", path, json={**body, **extra, "stream": True}) as r:
+            raw = r.read().decode()
+        texts: dict[int, str] = {0: "", 1: ""}
+        for line in raw.splitlines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            assert len(chunk["choices"]) <= 1
+            for c in chunk["choices"]:
+                assert "finish_reason" in c
+                texts[c["index"]] += c.get("text") or c.get("delta", {}).get("content") or ""
+        assert texts == {0: REPLY, 1: REPLY}, path
+
+
+def test_logit_bias_outside_the_vocabulary_is_dropped_and_reported(api: Api, stream: bool) -> None:
+    r, _ = api.chat({"logit_bias": {"5000": -100, "5": 3}}, stream)
+    assert r.status_code == 200
+    assert "logit_bias[5000]" in r.headers["x-hostler-ignored-params"]
+    assert api.engine.requests[-1].params.logit_bias == {5: 3.0}

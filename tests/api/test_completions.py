@@ -91,3 +91,11 @@ def test_suffix_is_reported_as_ignored(api: Api) -> None:
 def test_also_under_openrouter_prefix(api: Api) -> None:
     r = api.client.post("/api/v1/completions", json={"model": "fake", "prompt": "x"})
     assert r.status_code == 200 and r.json()["object"] == "text_completion"
+
+
+def test_too_large_max_tokens_reports_the_real_prompt_length(api: Api) -> None:
+    r = api.client.post(
+        "/v1/completions", json={"model": "fake", "prompt": "hello there", "max_tokens": 300}
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    assert "prompt (12 tokens)" in r.json()["error"]["message"]
