@@ -56,8 +56,8 @@ def create_app(
         app.state.generations = generations
         app.state.metrics = metrics
         jobs = JobFactory(model_service, generations)
-        app.state.chat = ChatService(jobs)
         app.state.completions = CompletionService(jobs)
+        app.state.chat = ChatService(jobs, app.state.completions)
         try:
             if settings.model:
                 spec = registry.get(settings.model)

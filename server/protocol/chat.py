@@ -10,6 +10,7 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     model_serializer,
+    model_validator,
 )
 
 from server.protocol.common import ChoiceLogprobs, SamplingFields, Usage
@@ -60,10 +61,21 @@ class Tool(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    prompt: str | None = Field(
+        None,
+        description="OpenRouter: a raw prompt instead of messages (no template); the"
+        " choices then carry `text`, as a text completion's do.",
+    )
     tools: list[Tool] | None = None
     tool_choice: Any = None
     template: str | None = Field(None, description="Hostler extension: instruct preset to use.")
+
+    @model_validator(mode="after")
+    def _messages_or_prompt(self) -> ChatCompletionRequest:
+        if self.messages is None and self.prompt is None:
+            raise ValueError("either 'messages' or 'prompt' is required")
+        return self
 
 
 class ResponseMessage(BaseModel):

@@ -61,7 +61,10 @@ class CompletionChoice(BaseModel):
 
 class Completion(BaseModel):
     id: str
-    object: Literal["text_completion"] = "text_completion"
+    # OpenRouter answers a `prompt` sent to its chat route in this shape, named as chat.
+    object: Literal["text_completion", "chat.completion", "chat.completion.chunk"] = (
+        "text_completion"
+    )
     created: int
     model: str
     system_fingerprint: str | None = None

@@ -19,6 +19,8 @@ from server.protocol.chat import (
     ToolCall,
 )
 from server.protocol.common import ChoiceLogprobs, TokenLogprob, TopLogprob
+from server.protocol.completions import CompletionRequest
+from server.serving.completions import CompletionJob, CompletionService
 from server.serving.job import FINGERPRINT, Caller, Job, JobFactory, Submission
 from server.serving.models import ServedModel
 from server.serving.prompt import (
@@ -154,11 +156,20 @@ class ChatJob:
 
 
 class ChatService:
-    def __init__(self, jobs: JobFactory) -> None:
+    def __init__(self, jobs: JobFactory, completions: CompletionService) -> None:
         self.jobs = jobs
+        self.completions = completions
 
-    async def start(self, request: ChatCompletionRequest, caller: Caller) -> ChatJob:
-        """Check everything that can fail up front, then queue the request in the engine."""
+    async def start(
+        self, request: ChatCompletionRequest, caller: Caller
+    ) -> ChatJob | CompletionJob:
+        """Check everything that can fail up front, then queue the request in the engine.
+
+        A `prompt` without `messages` (OpenRouter's text completion on its chat route)
+        is a text completion answered in the chat route's names.
+        """
+        if request.messages is None:
+            return await self.completions.start(as_completion(request), caller, chat_shape=True)
         served, name = await self.jobs.pick_model(request)
         # Rendering, tokenizing and compiling a grammar can take a while for a large
         # request: off the event loop, so that other requests' streams keep flowing.
@@ -213,6 +224,7 @@ class ChatService:
         engine = served.engine
         n_ctx = engine.info.n_ctx
         limit = byte_limit(engine)
+        assert request.messages is not None  # a prompt alone goes to CompletionService
         messages = request.messages
         text, prefill = render_prompt(engine, template, messages, tools)
         if len(text.encode("utf-8")) > limit:
@@ -240,3 +252,20 @@ class ChatService:
         if kept is None:
             return prompt  # cannot fit: the job factory reports exactly why
         return build_prompt(engine, template, kept, tools)
+
+
+def as_completion(request: ChatCompletionRequest) -> CompletionRequest:
+    """A chat request that carries a `prompt` instead of messages, as a text completion.
+
+    Chat's `logprobs: true` + `top_logprobs: k` become the legacy count `k`; `tools`,
+    `tool_choice` and `template` have no meaning without messages and are reported.
+    """
+    fields = request.model_dump(
+        exclude_unset=True, by_alias=True, exclude={"messages", "logprobs", "top_logprobs"}
+    )
+    for name in ("tools", "tool_choice", "template"):
+        if fields.pop(name, None) is not None:
+            fields[name] = True  # unknown to completions: listed as ignored
+    if request.logprobs:
+        fields["logprobs"] = request.top_logprobs or 0
+    return CompletionRequest.model_validate(fields)

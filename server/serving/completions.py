@@ -63,6 +63,7 @@ def _sum_usage(jobs: list[Job]) -> Usage:
 class CompletionJob:
     jobs: list[Job]
     echoes: list[str]  # per prompt: the prompt text when `echo`, else ""
+    chat_shape: bool = False  # OpenRouter's `prompt` on the chat route: named as chat
 
     @property
     def ignored(self) -> list[str]:
@@ -92,10 +93,16 @@ class CompletionJob:
                 )
         return self._body(choices, _sum_usage(self.jobs))
 
-    def _body(self, choices: list[CompletionChoice], usage: Usage | None) -> Completion:
+    def _body(
+        self, choices: list[CompletionChoice], usage: Usage | None, *, chunk: bool = False
+    ) -> Completion:
         """The response, or one stream chunk (the same object, as in OpenAI's API)."""
         first = self._first
+        name = "text_completion"
+        if self.chat_shape:
+            name = "chat.completion.chunk" if chunk else "chat.completion"
         return Completion(
+            object=name,
             id=first.id,
             created=first.created,
             model=first.model_name,
@@ -108,7 +115,7 @@ class CompletionJob:
         offsets = [0] * sum(j.n for j in self.jobs)
 
         def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> dict[str, Any]:
-            body = self._body(choices, usage).model_dump(exclude_none=True)
+            body = self._body(choices, usage, chunk=True).model_dump(exclude_none=True)
             for c, dumped in zip(choices, body["choices"], strict=True):
                 dumped["finish_reason"] = c.finish_reason  # null until the last, as OpenAI's
             return body
@@ -179,7 +186,9 @@ class CompletionService:
     def __init__(self, jobs: JobFactory) -> None:
         self.jobs = jobs
 
-    async def start(self, request: CompletionRequest, caller: Caller) -> CompletionJob:
+    async def start(
+        self, request: CompletionRequest, caller: Caller, *, chat_shape: bool = False
+    ) -> CompletionJob:
         served, name = await self.jobs.pick_model(request)
         # Tokenizing large prompts and compiling a grammar: off the event loop.
         grammar, prompts = await asyncio.to_thread(self._prepare, served, request)
@@ -213,7 +222,7 @@ class CompletionService:
                 job.handle.cancel()
             raise
         echoes = [self._echo(served, p) if request.echo else "" for p in request.prompts]
-        return CompletionJob(jobs, echoes)
+        return CompletionJob(jobs, echoes, chat_shape)
 
     def _prepare(
         self, served: ServedModel, request: CompletionRequest

@@ -263,3 +263,32 @@ def test_logit_bias_outside_the_vocabulary_is_dropped_and_reported(api: Api, str
     assert r.status_code == 200
     assert "logit_bias[5000]" in r.headers["x-hostler-ignored-params"]
     assert api.engine.requests[-1].params.logit_bias == {5: 3.0}
+
+
+def test_openrouter_prompt_on_the_chat_route(api: Api, stream: bool) -> None:
+    body = {"model": "fake", "prompt": "Once upon a time", "max_tokens": 50, "stop": ["friend"]}
+    if not stream:
+        r = api.client.post("/api/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        data = r.json()
+        assert data["object"] == "chat.completion"
+        assert data["choices"][0]["text"] == "Hello there, "
+        assert data["choices"][0]["finish_reason"] == "stop"
+        assert data["usage"]["completion_tokens"] > 0
+    else:
+        with api.client.stream(
+            "POST", "/api/v1/chat/completions", json={**body, "stream": True}
+        ) as r:
+            raw = r.read().decode()
+        chunks = [json.loads(x[6:]) for x in raw.splitlines() if x.startswith("data: {")]
+        assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == "Hello there, "
+        assert raw.rstrip().endswith("data: [DONE]")
+    # The raw prompt reaches the engine as it is: no chat template around it.
+    toks = api.engine.requests[-1].prompt_tokens
+    assert "".join(chr(t) for t in toks[1:]) == "Once upon a time"
+
+
+def test_chat_needs_messages_or_prompt(api: Api) -> None:
+    r = api.client.post("/v1/chat/completions", json={"model": "fake"})
+    assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
