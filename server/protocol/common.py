@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # Bounds on what one request may ask for, checked before anything is allocated. Windows
 # (penalty ranges) are further bounded by the model's context in serving/params.py.
 INT32_MAX = 2**31 - 1
-MAX_STOPS = 16
+MAX_STOPS = 64  # group chats stop on every member's name
 MAX_STOP_CHARS = 1_000
 MAX_LOGIT_BIAS = 1_024
 MAX_BREAKERS = 64

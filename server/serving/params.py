@@ -33,21 +33,28 @@ def ignored_params(request: SamplingFields) -> list[str]:
     return names
 
 
+# Windows up to this many tokens are clamped to the context; longer ones are refused.
+MAX_WINDOW = 1 << 20
+
+
 def _window(request: SamplingFields, name: str, default: int, n_ctx: int) -> int:
-    """A penalty window in tokens: -1 is the whole context; more than the context is a 400
-    (llama.cpp allocates the window up front, so 2e9 would be gigabytes)."""
+    """A penalty window in tokens, at most the context; -1 is the whole context.
+
+    llama.cpp allocates the window up front (2e9 would be gigabytes), so it never gets
+    more than the context. A frontend's slider value beyond a small model's context
+    (8192 on a 4096 model) means the whole context and is clamped; an absurd one is a 400.
+    """
     value: int | None = getattr(request, name)
     if value is None:
         value = default
     if value == -1:
         return n_ctx
-    if value > n_ctx:
+    if value > MAX_WINDOW:
         raise BadRequestError(
-            f"{name}: {value} is longer than this model's context ({n_ctx} tokens);"
-            " use -1 for the whole context",
+            f"{name}: {value} is far longer than any context; use -1 for the whole context",
             param=name,
         )
-    return value
+    return min(value, n_ctx)
 
 
 def to_sampling_params(

@@ -42,10 +42,12 @@ def test_unbounded_values_are_400(
 
 
 def test_whole_context_windows(api: Api) -> None:
-    r, _ = api.chat({"repetition_penalty_range": -1, "dry_penalty_last_n": -1}, False)
-    assert r.status_code == 200
-    p = api.engine.requests[-1].params
-    assert p.penalty_last_n == p.dry_penalty_last_n == api.engine.info.n_ctx
+    n_ctx = api.engine.info.n_ctx
+    for window in (-1, 8192):  # 8192: a frontend's slider on a smaller model
+        r, _ = api.chat({"repetition_penalty_range": window, "dry_penalty_last_n": window}, False)
+        assert r.status_code == 200
+        p = api.engine.requests[-1].params
+        assert p.penalty_last_n == p.dry_penalty_last_n == n_ctx
 
 
 def test_infinity_is_rejected(api: Api) -> None:
