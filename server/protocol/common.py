@@ -7,6 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from server.protocol.aliases import from_foreign
+
 # Bounds on what one request may ask for, checked before anything is allocated. Windows
 # (penalty ranges) are further bounded by the model's context in serving/params.py.
 INT32_MAX = 2**31 - 1
@@ -128,6 +130,18 @@ class SamplingFields(BaseModel):
     transforms: list[str] | None = Field(None, max_length=16)
     provider: dict[str, Any] | None = None
     user: str | None = None
+    grammar: str | None = Field(
+        None,
+        max_length=512 * 1024,
+        description="A GBNF grammar the output must follow (llama.cpp's, KoboldCpp's"
+        " `grammar`; text-generation-webui's `grammar_string`).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _foreign_names(cls, data: Any) -> Any:
+        # Other servers' names and forms for these fields (protocol/aliases.py).
+        return from_foreign(data)
 
     @field_validator("stop")
     @classmethod

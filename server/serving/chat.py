@@ -30,7 +30,7 @@ from server.serving.prompt import (
     render_prompt,
     tokenize_prompt,
 )
-from server.serving.structured import check_grammar, response_grammar
+from server.serving.structured import check_grammar, requested_grammar
 from server.serving.tools import ToolCallStream, ToolPlan, plan_tools
 from server.serving.transforms import middle_out, middle_out_enabled
 from server.templates import ChatTemplate
@@ -195,13 +195,11 @@ class ChatService:
         if request.template:
             template = self.jobs.models.template(served.spec, served.engine, request.template)
         tools = plan_tools(request.tools, request.tool_choice, template)
-        grammar = response_grammar(request.response_format)
-        param = "response_format"
+        grammar, param = requested_grammar(request)
         if tools is not None and tools.grammar is not None:
             if grammar is not None:
                 raise BadRequestError(
-                    "response_format cannot be combined with a forced tool_choice",
-                    param="response_format",
+                    f"{param} cannot be combined with a forced tool_choice", param=param
                 )
             grammar, param = tools.grammar, "tools"
         if grammar is not None:

@@ -25,7 +25,7 @@ from server.protocol.completions import (
 from server.serving.job import FINGERPRINT, Caller, Job, JobFactory, Submission
 from server.serving.models import ServedModel
 from server.serving.prompt import byte_limit, clip_middle, tokenize_prompt
-from server.serving.structured import check_grammar, response_grammar
+from server.serving.structured import check_grammar, requested_grammar
 from server.serving.transforms import middle_out_enabled, middle_out_tokens
 
 
@@ -227,9 +227,9 @@ class CompletionService:
     def _prepare(
         self, served: ServedModel, request: CompletionRequest
     ) -> tuple[str | None, list[list[int]]]:
-        grammar = response_grammar(request.response_format)
+        grammar, param = requested_grammar(request)
         if grammar is not None:
-            check_grammar(served.engine, grammar, "response_format")
+            check_grammar(served.engine, grammar, param)
         trim = middle_out_enabled(request.transforms)
         prompts = [self._tokens(served, p, trim) for p in request.prompts]
         if trim:

@@ -10,7 +10,18 @@ from server.engine.grammar import (
 )
 from server.engine.types import Engine
 from server.errors import BadRequestError
-from server.protocol.common import ResponseFormat
+from server.protocol.common import ResponseFormat, SamplingFields
+
+
+def requested_grammar(request: SamplingFields) -> tuple[str | None, str]:
+    """The grammar a request asks for, and the field it came from (for errors):
+    `response_format`, or a raw GBNF `grammar` (llama.cpp's and KoboldCpp's field)."""
+    from_format = response_grammar(request.response_format)
+    if from_format is not None and request.grammar:
+        raise BadRequestError("give either response_format or grammar, not both", param="grammar")
+    if request.grammar:
+        return request.grammar, "grammar"
+    return from_format, "response_format"
 
 
 def response_grammar(fmt: ResponseFormat | None) -> str | None:
