@@ -74,6 +74,10 @@ class CompletionJob:
             job.handle.cancel()
 
     @property
+    def usage(self) -> Usage:
+        return _sum_usage(self.jobs)
+
+    @property
     def _first(self) -> Job:
         return self.jobs[0]
 

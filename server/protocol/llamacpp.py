@@ -1,0 +1,35 @@
+"""llama-server's native API (`/completion`, `/tokenize`, `/detokenize`): request models.
+
+Sampler fields arrive under llama.cpp's names (`n_predict`, `repeat_penalty`,
+`samplers`, `[[id, bias]]` logit bias, ...) and are mapped by protocol/aliases.py, as
+on every route; the responses are built in api/dialects/llamacpp.py.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.protocol.common import SamplingFields
+
+# /tokenize bodies are bounded by the request body limit; ids lists by this.
+MAX_TOKEN_IDS = 1 << 20
+
+
+class NativeCompletionRequest(SamplingFields):
+    prompt: str | list[int] = Field("", description="Text, or token ids.")
+    n_probs: int = Field(0, ge=0, le=20, description="Alternatives per token (probabilities).")
+    cache_prompt: bool = Field(True, description="Always on here: prefixes are reused.")
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    content: str
+    add_special: bool = False
+    with_pieces: bool = False
+    model: str | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    tokens: list[int] = Field(max_length=MAX_TOKEN_IDS)
+    model: str | None = None
