@@ -28,7 +28,10 @@ async def _events(
     shutdown: anyio.Event,
     grace: float,
     cancel: Callable[[], None],
+    event: str | None,
+    done: bool,
 ) -> AsyncIterator[dict[str, str]]:
+    named = {"event": event} if event else {}
     cut = False
 
     async def cut_at_deadline() -> None:
@@ -41,15 +44,16 @@ async def _events(
     watcher = asyncio.ensure_future(cut_at_deadline())
     try:
         async for chunk in chunks:
-            yield {"data": json.dumps(chunk, separators=(",", ":"), ensure_ascii=False)}
+            yield {**named, "data": json.dumps(chunk, separators=(",", ":"), ensure_ascii=False)}
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
     if cut:
         error = ServiceUnavailableError("the server shut down before this response finished")
-        yield {"data": json.dumps(error.to_body())}
-    yield {"data": "[DONE]"}
+        yield {**named, "data": json.dumps(error.to_body())}
+    if done:
+        yield {"data": "[DONE]"}
 
 
 def sse_response(
@@ -59,10 +63,13 @@ def sse_response(
     grace: float,
     cancel: Callable[[], None],
     headers: dict[str, str] | None = None,
+    event: str | None = None,
+    done: bool = True,
 ) -> EventSourceResponse:
+    """`event` names every event (KoboldCpp's "message"); `done` ends with [DONE]."""
     shutdown = anyio.Event()
     return EventSourceResponse(
-        _events(chunks, shutdown, grace, cancel),
+        _events(chunks, shutdown, grace, cancel, event, done),
         headers=headers,
         ping=keepalive,
         ping_message_factory=lambda: ServerSentEvent(comment=KEEPALIVE_COMMENT),

@@ -75,6 +75,7 @@ class FakeEngine:
             gpu_offload=False, slots=4, bos_id=0,
         )  # fmt: skip
         self.requests: list[GenerationRequest] = []
+        self.handles: list[FakeHandle] = []
         self.reply = REPLY
         self.delay = 0.0
         self.fail_at: int | None = None
@@ -99,7 +100,9 @@ class FakeEngine:
             raise QueueFullError("queue full", headers={"Retry-After": "1"})
         self.requests.append(request)
         self.active += 1
-        return FakeHandle(self, request)
+        handle = FakeHandle(self, request)
+        self.handles.append(handle)
+        return handle
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok"}

@@ -8,7 +8,6 @@ and its result (or stream) is reshaped into llama-server's fields (`content`, `s
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,9 +17,9 @@ from fastapi.responses import JSONResponse
 
 from server import __version__
 from server.api.deps import CompletionsDep, KeyDep, ModelsDep, SettingsDep
+from server.api.dialects.tokens import decode, encode
 from server.api.respond import caller_of, until_disconnected
 from server.api.sse import sse_response
-from server.errors import BadRequestError
 from server.protocol.completions import Completion, CompletionLogprobs, CompletionRequest
 from server.protocol.llamacpp import DetokenizeRequest, NativeCompletionRequest, TokenizeRequest
 from server.serving.completions import CompletionJob
@@ -131,23 +130,16 @@ async def completion(
 
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, models: ModelsDep) -> dict[str, Any]:
-    engine = (await models.get(body.model)).engine
-    ids = await asyncio.to_thread(engine.tokenize, body.content, add_special=body.add_special)
+    ids = await encode(models, body.content, body.model, add_special=body.add_special)
     if not body.with_pieces:
         return {"tokens": ids}
+    engine = (await models.get(body.model)).engine
     return {"tokens": [{"id": t, "piece": engine.token_text(t)} for t in ids]}
 
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, models: ModelsDep) -> dict[str, Any]:
-    engine = (await models.get(body.model)).engine
-    n_vocab = engine.info.n_vocab
-    bad = next((t for t in body.tokens if not 0 <= t < n_vocab), None)
-    if bad is not None:
-        raise BadRequestError(
-            f"tokens: id {bad} is outside the vocabulary (0..{n_vocab - 1})", param="tokens"
-        )
-    return {"content": "".join(engine.token_text(t) for t in body.tokens)}
+    return {"content": await decode(models, body.tokens, body.model)}
 
 
 @router.get("/props")
