@@ -14,7 +14,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from server import __version__
 from server.api import errors
 from server.api.deps import require_key
-from server.api.dialects import kobold, llamacpp, textgen
+from server.api.dialects import kobold, llamacpp, ollama, textgen
 from server.api.guard import Guard
 from server.api.keys import KeyRing
 from server.api.metrics import CONTENT_TYPE, CountRequests, Metrics
@@ -111,6 +111,7 @@ def create_app(
     app.include_router(llamacpp.router, dependencies=keyed)
     app.include_router(kobold.router, dependencies=keyed)
     app.include_router(textgen.router, prefix="/v1", dependencies=keyed)
+    app.include_router(ollama.router, dependencies=keyed)
     app.include_router(_service_routes(app))
     return app
 

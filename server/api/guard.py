@@ -25,6 +25,8 @@ from server.errors import (
     ServiceUnavailableError,
 )
 
+OLLAMA_PREFIX = "/api/"
+
 
 def host_name(value: str) -> str:
     """`Host` header value without its port, lower-cased ('[::1]:8000' -> '[::1]')."""
@@ -60,6 +62,12 @@ class Guard:
         if problem is not None:
             await _send_error(send, problem)
             return
+        path: str = scope["path"]
+        if path.startswith(OLLAMA_PREFIX) and not path.startswith("/api/v1/"):
+            # Ollama reads every body as JSON, whatever its Content-Type; its clients
+            # (and `curl -d`) rely on it. Cross-site pages were refused above by Origin.
+            raw = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = {**scope, "headers": [*raw, (b"content-type", b"application/json")]}
         length = headers.get("content-length")
         if length is not None:
             if not length.isdigit():
