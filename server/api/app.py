@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -59,6 +60,7 @@ def create_app(
         jobs = JobFactory(model_service, generations)
         app.state.completions = CompletionService(jobs)
         app.state.chat = ChatService(jobs, app.state.completions)
+        reaper = asyncio.ensure_future(_reap(pool))
         try:
             if settings.model:
                 spec = registry.get(settings.model)
@@ -66,6 +68,7 @@ def create_app(
                 log.info("model %s loaded", spec.id)
             yield
         finally:
+            reaper.cancel()
             pool.close()
 
     # The docs need the key too when one is set: served below, behind it.
@@ -114,6 +117,16 @@ def create_app(
     app.include_router(ollama.router, dependencies=keyed)
     app.include_router(_service_routes(app))
     return app
+
+
+async def _reap(pool: ModelPool, every: float = 1.0) -> None:
+    """Unload models whose keep_alive ran out (a request's, e.g. Ollama's `keep_alive`)."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await pool.reap()
+        except Exception:
+            log.exception("unloading an expired model failed")
 
 
 def _service_routes(app: FastAPI) -> APIRouter:

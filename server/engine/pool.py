@@ -32,6 +32,8 @@ class ModelPool:
         self._used: dict[str, float] = {}
         self._lock = asyncio.Lock()
         self.loads = 0
+        # Model id -> when it may be unloaded once idle (Ollama's keep_alive); absent: kept.
+        self._deadline: dict[str, float] = {}
 
     @property
     def loaded(self) -> dict[str, Engine]:
@@ -79,6 +81,31 @@ class ModelPool:
             await asyncio.to_thread(engine.close)
             evicted.append(victim)
         return evicted
+
+    def keep_alive(self, model_id: str, seconds: float) -> None:
+        """Unload `model_id` once idle and `seconds` from now have passed (Ollama's
+        keep_alive: 0 unloads after the reply); a negative value keeps it loaded."""
+        if seconds < 0:
+            self._deadline.pop(model_id, None)
+        else:
+            self._deadline[model_id] = time.monotonic() + seconds
+
+    async def reap(self) -> list[str]:
+        """Unload the idle models whose keep_alive has run out; their ids."""
+        gone: list[str] = []
+        async with self._lock:
+            now = time.monotonic()
+            for model_id, deadline in list(self._deadline.items()):
+                engine = self._engines.get(model_id)
+                if engine is None:
+                    del self._deadline[model_id]
+                elif now >= deadline and not engine.busy:
+                    del self._deadline[model_id]
+                    del self._engines[model_id]
+                    await asyncio.to_thread(engine.close)
+                    log.info("model %s unloaded (keep_alive ran out)", model_id)
+                    gone.append(model_id)
+        return gone
 
     def close(self) -> None:
         for engine in self._engines.values():

@@ -62,9 +62,14 @@ class JsonSchemaFormat(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
     type: str
     json_schema: JsonSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(
+        None,
+        alias="schema",
+        description="llama-server's extension: `{type: json_object, schema: {...}}`.",
+    )
 
     @field_validator("type")
     @classmethod

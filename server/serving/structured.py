@@ -27,11 +27,14 @@ def requested_grammar(request: SamplingFields) -> tuple[str | None, str]:
 def response_grammar(fmt: ResponseFormat | None) -> str | None:
     if fmt is None or fmt.type == "text":
         return None
-    if fmt.type == "json_object":
+    if fmt.type == "json_object" and not fmt.schema_:
         return JSON_OBJECT_GRAMMAR
-    assert fmt.json_schema is not None  # checked by the protocol model
+    schema = fmt.schema_ if fmt.type == "json_object" else None
+    if schema is None:
+        assert fmt.json_schema is not None  # checked by the protocol model
+        schema = fmt.json_schema.schema_
     try:
-        return json_schema_grammar(fmt.json_schema.schema_)
+        return json_schema_grammar(schema)
     except GrammarError as exc:
         raise BadRequestError(f"response_format: {exc}", param="response_format") from exc
 

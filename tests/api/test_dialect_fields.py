@@ -136,3 +136,21 @@ def test_bad_grammar_is_400_naming_grammar(api: Api) -> None:
     deep = "root ::= " + "(" * 500 + '"a"' + ")" * 500
     r = api.client.post("/v1/completions", json={"model": "fake", "prompt": "Hi", "grammar": deep})
     assert r.status_code == 400 and r.json()["error"]["param"] == "grammar"
+
+
+def test_json_object_with_a_schema_uses_the_schema(api: Api) -> None:
+    from server.engine.grammar import JSON_OBJECT_GRAMMAR
+
+    fmt = {"type": "json_object", "schema": {"type": "integer"}}
+    _complete(api, {"model": "fake", "prompt": "Hi", "response_format": fmt})
+    grammar = api.engine.requests[-1].params.grammar
+    assert grammar and grammar != JSON_OBJECT_GRAMMAR and "root" in grammar
+    r = api.client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "fake",
+            "messages": [{"role": "user", "content": "x"}],
+            "response_format": fmt,
+        },
+    )
+    assert r.status_code == 200 and "x-hostler-ignored-params" not in r.headers

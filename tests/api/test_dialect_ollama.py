@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -45,7 +46,7 @@ def test_chat_options_and_format(api: Api) -> None:
     req = api.engine.requests[-1]
     assert req.max_tokens == 5 and req.params.top_k == 20 and req.params.grammar
     ignored = r.headers["x-hostler-ignored-params"].split(",")
-    assert "num_ctx" in ignored and "keep_alive" in ignored
+    assert "num_ctx" in ignored and "keep_alive" not in ignored
 
 
 @pytest.mark.parametrize("raw", [False, True])
@@ -90,3 +91,22 @@ def test_any_content_type_as_ollama_accepts(api: Api) -> None:
     assert r.status_code == 200 and r.json()["response"] == REPLY
     r = api.client.post("/api/generate", content=raw, headers={"origin": "https://evil.example"})
     assert r.status_code == 403
+
+
+def test_keep_alive(api: Api) -> None:
+    from server.api.dialects.ollama import keep_alive_seconds
+
+    assert keep_alive_seconds("5m") == 300 and keep_alive_seconds("1h30m") == 5400
+    assert keep_alive_seconds(-1) == -1 and keep_alive_seconds("-1") == -1
+    body = {"model": "fake", "messages": [{"role": "user", "content": "Hi"}], "stream": False}
+    r = api.client.post("/api/chat", json={**body, "keep_alive": "soon"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "keep_alive"
+    engine = api.engine
+    assert api.client.post("/api/chat", json={**body, "keep_alive": 0}).status_code == 200
+    deadline = time.monotonic() + 5
+    while api.client.get("/api/ps").json()["models"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert api.client.get("/api/ps").json()["models"] == [] and engine.closed
+    assert api.client.post("/api/chat", json={**body, "keep_alive": -1}).status_code == 200
+    time.sleep(1.5)
+    assert [m["name"] for m in api.client.get("/api/ps").json()["models"]] == ["fake"]

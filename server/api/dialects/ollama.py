@@ -4,13 +4,15 @@ plugins, home automation): `/api/chat`, `/api/generate`, `/api/tags`, `/api/ps`,
 
 A thin adapter: a chat (or a templated `generate`) runs on the one ChatService, a `raw`
 generate on the CompletionService; `options` are read under llama.cpp's names by
-protocol/aliases.py. `keep_alive` is accepted and reported as not applied: models stay
-loaded by the pool's own rules.
+protocol/aliases.py. `keep_alive` is honoured: the model is unloaded once idle and that
+long after the request (0: right after the reply; negative: kept loaded).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -47,16 +49,43 @@ def _now() -> str:
 
 
 def _fields(body: OllamaBase) -> dict[str, Any]:
-    """Our request fields from Ollama's: options, format, keep_alive."""
+    """Our request fields from Ollama's: options and format."""
     fields: dict[str, Any] = {**(body.options or {}), "model": body.model}
     if body.format == "json":
         fields["response_format"] = {"type": "json_object"}
     elif isinstance(body.format, dict):
         schema = {"name": "format", "schema": body.format}
         fields["response_format"] = {"type": "json_schema", "json_schema": schema}
-    if body.keep_alive is not None:
-        fields["keep_alive"] = body.keep_alive  # not applied: listed as ignored
     return fields
+
+
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+
+
+def keep_alive_seconds(value: str | int | float) -> float:
+    """Ollama's keep_alive: seconds as a number, or a Go duration ("5m", "1h30m", "-1")."""
+    if isinstance(value, int | float):
+        return float(value)
+    text = value.strip()
+    sign = -1.0 if text.startswith("-") else 1.0
+    body = text.lstrip("+-")
+    with contextlib.suppress(ValueError):
+        return sign * float(body)
+    parts = _PART.findall(body)
+    if not parts or "".join(n + u for n, u in parts) != body:
+        raise BadRequestError(
+            f'keep_alive: {value!r} is not a duration (e.g. 300, "5m", "1h", -1)',
+            param="keep_alive",
+        )
+    return sign * sum(float(n) * _UNITS[u] for n, u in parts)
+
+
+async def _keep(models: ModelService, body: OllamaBase) -> None:
+    """Apply the request's keep_alive to its model (after a successful start)."""
+    if body.keep_alive is not None:
+        seconds = keep_alive_seconds(body.keep_alive)
+        models.pool.keep_alive((await models.get(body.model)).spec.id, seconds)
 
 
 def _no_images(images: list[str] | None, param: str) -> None:
@@ -159,8 +188,12 @@ async def _loaded(models: ModelService, name: str, chat: bool) -> JSONResponse:
 async def chat(
     body: OllamaChatRequest, request: Request, service: ChatDep, models: ModelsDep, key: KeyDep
 ) -> Response:
+    if body.keep_alive is not None:
+        keep_alive_seconds(body.keep_alive)  # a bad value is a 400 before anything runs
     if not body.messages:
-        return await _loaded(models, body.model, chat=True)
+        response = await _loaded(models, body.model, chat=True)
+        await _keep(models, body)
+        return response
     for i, m in enumerate(body.messages):
         _no_images(m.images, f"messages[{i}].images")
     fields = _fields(body)
@@ -168,6 +201,7 @@ async def chat(
     if body.tools:
         fields["tools"] = body.tools
     job = await service.start(ChatCompletionRequest.model_validate(fields), caller_of(request, key))
+    await _keep(models, body)
     return await _Run(job, body.model, chat=True).respond(body.stream, request)
 
 
@@ -181,8 +215,12 @@ async def generate(
     key: KeyDep,
 ) -> Response:
     _no_images(body.images, "images")
+    if body.keep_alive is not None:
+        keep_alive_seconds(body.keep_alive)
     if not body.prompt:
-        return await _loaded(models, body.model, chat=False)
+        response = await _loaded(models, body.model, chat=False)
+        await _keep(models, body)
+        return response
     fields = _fields(body)
     caller = caller_of(request, key)
     job: ChatJob | CompletionJob
@@ -197,6 +235,7 @@ async def generate(
         messages.append({"role": "user", "content": body.prompt})
         request_fields = {**fields, "messages": messages}
         job = await chat_service.start(ChatCompletionRequest.model_validate(request_fields), caller)
+    await _keep(models, body)
     return await _Run(job, body.model, chat=False).respond(body.stream, request)
 
 
