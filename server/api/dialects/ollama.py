@@ -121,7 +121,10 @@ class _Run:
 
     def final(self, text: str, finish: str | None) -> dict[str, Any]:
         end = time.monotonic()
+        record = self.job.job.record if isinstance(self.job, ChatJob) else self.job.jobs[0].record
         first = self.first or end
+        if record.latency is not None:  # the engine's own time to first output
+            first = min(first, self.start + record.latency)
         usage = self.job.job.usage if isinstance(self.job, ChatJob) else self.job.usage
         return {
             **self.piece(text, done=True),
@@ -161,7 +164,6 @@ class _Run:
         result = await until_disconnected(request, self.job.complete())
         if result is None:
             return Response(status_code=499)
-        self.first = self.first or time.monotonic()
         if isinstance(result, Completion):
             text, finish = result.choices[0].text, result.choices[0].finish_reason
         else:
