@@ -33,25 +33,17 @@ async def tabby_model(models: ModelsDep) -> dict[str, Any]:
     }
 
 
+# TabbyAPI's and text-generation-webui's tokenizer routes have the same shapes.
 @router.post("/token/encode")
-async def tabby_encode(body: TextRequest, models: ModelsDep) -> dict[str, Any]:
+@router.post("/internal/encode")
+async def encode_text(body: TextRequest, models: ModelsDep) -> dict[str, Any]:
     ids = await encode(models, body.text, body.model, add_special=body.add_bos_token)
     return {"tokens": ids, "length": len(ids)}
 
 
 @router.post("/token/decode")
-async def tabby_decode(body: TokensRequest, models: ModelsDep) -> dict[str, Any]:
-    return {"text": await decode(models, body.tokens, body.model)}
-
-
-@router.post("/internal/encode")
-async def ooba_encode(body: TextRequest, models: ModelsDep) -> dict[str, Any]:
-    ids = await encode(models, body.text, body.model)
-    return {"tokens": ids, "length": len(ids)}
-
-
 @router.post("/internal/decode")
-async def ooba_decode(body: TokensRequest, models: ModelsDep) -> dict[str, Any]:
+async def decode_tokens(body: TokensRequest, models: ModelsDep) -> dict[str, Any]:
     return {"text": await decode(models, body.tokens, body.model)}
 
 
