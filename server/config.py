@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
@@ -97,7 +97,9 @@ class Settings(BaseSettings):
     max_body_mb: float = Field(
         8.0, gt=0, description="Largest request body in MiB (413 beyond, before parsing)."
     )
-    log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level: debug, info, warning, error."
+    )
 
     @property
     def hosts(self) -> list[str] | None:

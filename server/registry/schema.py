@@ -83,9 +83,10 @@ class ModelSpec(_Strict):
     name: str | None = Field(None, description="Human-readable name shown in /v1/models.")
     description: str | None = None
     source: Source
-    template: str | None = Field(
-        None, description="Instruct template preset, or 'gguf'/null for the GGUF's own."
-    )
+    template: (
+        Literal["gguf", "chatml", "mistral", "alpaca", "llama3", "metharme", "gemma", "vicuna"]
+        | None
+    ) = Field(None, description="Instruct template preset, or 'gguf'/null for the GGUF's own.")
     context: int = Field(4096, ge=256, description="Context size in tokens (KV cache).")
     gpu_layers: int | Literal["all"] = Field(
         0, description="Layers to offload to the GPU: a number, or 'all'."

@@ -97,6 +97,7 @@ def download(spec: ModelSpec, *, progress: bool = True) -> Path:
     from huggingface_hub.errors import (
         EntryNotFoundError,
         HfHubHTTPError,
+        LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -108,6 +109,10 @@ def download(spec: ModelSpec, *, progress: bool = True) -> Path:
     (disable_progress_bars if not progress else enable_progress_bars)()
     try:
         path = _resumable_download(src, Path(constants.HF_HUB_CACHE), progress)
+    except LocalEntryNotFoundError as exc:  # a subclass of EntryNotFoundError: not a 404
+        raise DownloadError(
+            f"{spec.id}: cannot reach the Hugging Face hub to download {src.file}: {exc}"
+        ) from exc
     except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as exc:
         raise DownloadError(
             f"{spec.id}: {src.repo}@{src.revision} has no file {src.file} (404)"

@@ -49,3 +49,8 @@ def test_named_keys_from_the_file_and_the_environment(
     monkeypatch.delenv("HOSTLER_KEYS")
     with pytest.raises(ConfigError, match="keys"):
         load_settings({"models_file": f, "keys": [{"name": "x", "key": "short"}]})
+
+
+def test_unknown_log_level_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="log_level"):
+        load_settings({"models_file": _file(tmp_path), "log_level": "verbose"})

@@ -155,3 +155,17 @@ def test_source_files_stay_inside(tmp_path: Path, source: str) -> None:
     f.write_text(f"models:\n  m:\n    source: {source}\n")
     with pytest.raises(ConfigError, match="relative path"):
         load_models_file(f)
+
+
+def test_template_names_are_the_presets(tmp_path: Path) -> None:
+    from typing import get_args
+
+    from server.registry.schema import ModelSpec
+    from server.templates import PRESETS
+
+    names = set(get_args(get_args(ModelSpec.model_fields["template"].annotation)[0]))
+    assert names == {"gguf", *PRESETS}
+    f = tmp_path / "models.yaml"
+    f.write_text("models:\n  m:\n    source: {type: path, path: m.gguf}\n    template: chatm\n")
+    with pytest.raises(ConfigError, match="template"):
+        load_models_file(f)
