@@ -29,8 +29,14 @@ router = APIRouter()
 # The KoboldCpp release whose API this mirrors (clients gate features on it).
 KOBOLD_VERSION = "1.98.0"
 
-# Running generations by the client's genkey, for /api/extra/abort.
-_running: weakref.WeakValueDictionary[str, CompletionJob] = weakref.WeakValueDictionary()
+
+def _running(request: Request) -> weakref.WeakValueDictionary[str, CompletionJob]:
+    """This app's running Kobold generations by the client's genkey (for abort)."""
+    state = request.app.state
+    if not hasattr(state, "kobold_jobs"):
+        state.kobold_jobs = weakref.WeakValueDictionary()
+    jobs: weakref.WeakValueDictionary[str, CompletionJob] = state.kobold_jobs
+    return jobs
 
 
 def _as_completion(body: KoboldGenerateRequest) -> CompletionRequest:
@@ -73,10 +79,10 @@ async def token_count(body: KoboldPrompt, models: ModelsDep) -> dict[str, Any]:
 
 
 @router.post("/api/extra/abort")
-async def abort(body: KoboldAbort) -> dict[str, Any]:
+async def abort(body: KoboldAbort, request: Request) -> dict[str, Any]:
     """End the generation started with this genkey (a client that disconnects is
     cancelled anyway; without a genkey nothing is aborted: the server is shared)."""
-    job = _running.get(body.genkey or "")
+    job = _running(request).get(body.genkey or "")
     if job is not None:
         job.cancel()
     return {"success": job is not None}
@@ -87,7 +93,7 @@ async def _start(
 ) -> CompletionJob:
     job = await service.start(_as_completion(body), caller_of(request, key))
     if body.genkey:
-        _running[body.genkey] = job
+        _running(request)[body.genkey] = job
     return job
 
 
