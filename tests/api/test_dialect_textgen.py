@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from tests.api.conftest import Api
 from tests.api.fake_engine import REPLY
@@ -86,3 +87,25 @@ def test_ooba_routes(api: Api) -> None:
     assert r.json() == {"tokens": [72, 105], "length": 2}
     assert api.client.post("/v1/internal/token-count", json={"text": "Hi"}).json() == {"length": 2}
     assert api.client.post("/v1/internal/decode", json={"tokens": [72]}).json() == {"text": "H"}
+
+
+def test_kobold_abort_is_per_key(tmp_path: Any) -> None:
+    from tests.api.conftest import make_api
+
+    keys = [{"name": "a", "key": "key-of-a-123"}, {"name": "b", "key": "key-of-b-123"}]
+    for api in make_api(tmp_path, keys=keys):
+        api.engine.delay = 0.05
+        a = {"Authorization": "Bearer key-of-a-123"}
+        b = {"Authorization": "Bearer key-of-b-123"}
+        with api.client.stream("POST", "/api/extra/generate/stream", json=KOBOLD, headers=a) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    other = api.client.post(
+                        "/api/extra/abort", json={"genkey": "KCPP1234"}, headers=b
+                    )
+                    assert other.json() == {"success": False}
+                    own = api.client.post(
+                        "/api/extra/abort", json={"genkey": "KCPP1234"}, headers=a
+                    )
+                    assert own.json() == {"success": True}
+                    break

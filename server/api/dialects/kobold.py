@@ -31,7 +31,8 @@ KOBOLD_VERSION = "1.98.0"
 
 
 def _running(request: Request) -> weakref.WeakValueDictionary[str, CompletionJob]:
-    """This app's running Kobold generations by the client's genkey (for abort)."""
+    """This app's running Kobold generations by API key and genkey (for abort): a
+    caller can only abort its own key's generations, however guessable genkeys are."""
     state = request.app.state
     if not hasattr(state, "kobold_jobs"):
         state.kobold_jobs = weakref.WeakValueDictionary()
@@ -79,10 +80,10 @@ async def token_count(body: KoboldPrompt, models: ModelsDep) -> dict[str, Any]:
 
 
 @router.post("/api/extra/abort")
-async def abort(body: KoboldAbort, request: Request) -> dict[str, Any]:
+async def abort(body: KoboldAbort, request: Request, key: KeyDep) -> dict[str, Any]:
     """End the generation started with this genkey (a client that disconnects is
     cancelled anyway; without a genkey nothing is aborted: the server is shared)."""
-    job = _running(request).get(body.genkey or "")
+    job = _running(request).get(f"{id(key)}:{body.genkey}") if body.genkey else None
     if job is not None:
         job.cancel()
     return {"success": job is not None}
@@ -93,7 +94,7 @@ async def _start(
 ) -> CompletionJob:
     job = await service.start(_as_completion(body), caller_of(request, key))
     if body.genkey:
-        _running(request)[body.genkey] = job
+        _running(request)[f"{id(key)}:{body.genkey}"] = job
     return job
 
 
