@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -70,3 +70,12 @@ class Completion(BaseModel):
     system_fingerprint: str | None = None
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+def completion_from(source: SamplingFields, exclude: set[str], **fields: Any) -> CompletionRequest:
+    """A text completion carrying the sampler fields `source` was sent with (unknown ones
+    too, so they are still reported), less `exclude`, plus `fields`: how the routes that
+    take a prompt in another shape (a dialect's, chat's `prompt`) reach CompletionService."""
+    data = source.model_dump(exclude_unset=True, by_alias=True, exclude=exclude)
+    data.update(fields)
+    return CompletionRequest.model_validate(data)

@@ -19,7 +19,7 @@ from server.protocol.chat import (
     ToolCall,
 )
 from server.protocol.common import ChoiceLogprobs, TokenLogprob, TopLogprob
-from server.protocol.completions import CompletionRequest
+from server.protocol.completions import CompletionRequest, completion_from
 from server.serving.completions import CompletionJob, CompletionService
 from server.serving.job import FINGERPRINT, Caller, Job, JobFactory, Submission
 from server.serving.models import ServedModel
@@ -258,12 +258,11 @@ def as_completion(request: ChatCompletionRequest) -> CompletionRequest:
     Chat's `logprobs: true` + `top_logprobs: k` become the legacy count `k`; `tools`,
     `tool_choice` and `template` have no meaning without messages and are reported.
     """
-    fields = request.model_dump(
-        exclude_unset=True, by_alias=True, exclude={"messages", "logprobs", "top_logprobs"}
-    )
+    fields: dict[str, Any] = {}
     for name in ("tools", "tool_choice", "template"):
-        if fields.pop(name, None) is not None:
+        if getattr(request, name) is not None:
             fields[name] = True  # unknown to completions: listed as ignored
     if request.logprobs:
         fields["logprobs"] = request.top_logprobs or 0
-    return CompletionRequest.model_validate(fields)
+    exclude = {"messages", "logprobs", "top_logprobs", "tools", "tool_choice", "template"}
+    return completion_from(request, exclude, **fields)

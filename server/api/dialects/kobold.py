@@ -20,7 +20,7 @@ from server.api.dialects.tokens import encode
 from server.api.keys import KeyState
 from server.api.respond import caller_of, until_disconnected
 from server.api.sse import sse_response
-from server.protocol.completions import Completion, CompletionRequest
+from server.protocol.completions import Completion, CompletionRequest, completion_from
 from server.protocol.textgen import KoboldAbort, KoboldGenerateRequest, KoboldPrompt
 from server.serving.completions import CompletionJob, CompletionService
 
@@ -41,9 +41,7 @@ def _running(request: Request) -> weakref.WeakValueDictionary[str, CompletionJob
 
 
 def _as_completion(body: KoboldGenerateRequest) -> CompletionRequest:
-    fields = body.model_dump(exclude_unset=True, by_alias=True, exclude={"genkey"})
-    fields["prompt"] = body.prompt
-    return CompletionRequest.model_validate(fields)
+    return completion_from(body, {"genkey"}, prompt=body.prompt)
 
 
 @router.get("/api/v1/model")

@@ -20,7 +20,12 @@ from server.api.deps import CompletionsDep, KeyDep, ModelsDep, SettingsDep
 from server.api.dialects.tokens import decode, encode
 from server.api.respond import caller_of, until_disconnected
 from server.api.sse import sse_response
-from server.protocol.completions import Completion, CompletionLogprobs, CompletionRequest
+from server.protocol.completions import (
+    Completion,
+    CompletionLogprobs,
+    CompletionRequest,
+    completion_from,
+)
 from server.protocol.llamacpp import DetokenizeRequest, NativeCompletionRequest, TokenizeRequest
 from server.serving.completions import CompletionJob
 
@@ -31,13 +36,10 @@ _STOP_TYPE = {"stop": "eos", "length": "limit", "cancelled": "none"}
 
 
 def _as_completion(body: NativeCompletionRequest) -> CompletionRequest:
-    fields = body.model_dump(
-        exclude_unset=True, by_alias=True, exclude={"n_probs", "cache_prompt", "prompt"}
-    )
-    fields["prompt"] = body.prompt if body.prompt != [] else ""
+    fields: dict[str, Any] = {"prompt": body.prompt if body.prompt != [] else ""}
     if body.n_probs:
         fields["logprobs"] = body.n_probs
-    return CompletionRequest.model_validate(fields)
+    return completion_from(body, {"n_probs", "cache_prompt", "prompt"}, **fields)
 
 
 def _probabilities(lp: dict[str, Any] | CompletionLogprobs | None) -> list[dict[str, Any]]:
