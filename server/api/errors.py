@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.errors import BadRequestError, HostlerError, NotFoundError
@@ -37,6 +38,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(HostlerError)
     async def _hostler(_: Request, exc: HostlerError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(ValidationError)
+    async def _invalid_inner(request: Request, exc: ValidationError) -> JSONResponse:
+        # A request re-read in another shape (a dialect's body as a text completion):
+        # still the client's data, so still a 400 naming the field.
+        return await _invalid(request, RequestValidationError(exc.errors()))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

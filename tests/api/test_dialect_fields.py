@@ -154,3 +154,12 @@ def test_json_object_with_a_schema_uses_the_schema(api: Api) -> None:
         },
     )
     assert r.status_code == 200 and "x-hostler-ignored-params" not in r.headers
+
+
+def test_fields_valid_for_one_shape_but_not_the_other_are_400(api: Api) -> None:
+    # `echo` is unknown to chat (kept as an extra) but typed on text completions.
+    body = {"model": "fake", "prompt": "Hi", "echo": "loud"}
+    r = api.client.post("/api/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+    r = api.client.post("/completion", json={"prompt": "Hi", "suffix": 5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "suffix"
