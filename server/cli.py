@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -86,6 +87,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
+            if app.state.draining:
+                # A second Ctrl-C: the user wants out now, not tracebacks of every task
+                # being torn down. Cache files are written atomically, so none is torn.
+                print("hostler: second signal, exiting now", file=sys.stderr, flush=True)
+                os._exit(1)
             # From the first signal on, new requests get 503 while streams finish.
             app.state.draining = True
             super().handle_exit(sig, frame)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import statistics
 import threading
 import time
@@ -145,3 +147,36 @@ def test_shutdown_ends_streams_with_a_final_event(tmp_path: Path) -> None:
     assert data[-1] == "[DONE]"
     assert json.loads(data[-2])["error"]["code"] == 503
     assert "ASGI callable returned without completing" not in server.log.read_text()
+
+
+def test_a_second_signal_exits_at_once_without_tracebacks(tmp_path: Path) -> None:
+    server = Server(tmp_path / "log", "--slots", "2", "--shutdown-grace", "30")
+    body = {
+        "model": "smollm2-135m",
+        "messages": [{"role": "user", "content": "Write a very long story."}],
+        "max_tokens": 4000,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    first = threading.Event()
+
+    def stream() -> None:
+        with (
+            contextlib.suppress(httpx.HTTPError),
+            httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r,
+        ):
+            for _ in r.iter_lines():
+                first.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert first.wait(60)
+    server.proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    server.proc.send_signal(signal.SIGINT)
+    code = server.proc.wait(timeout=10)
+    t.join(30)
+    assert time.monotonic() - t0 < 5 and code == 1
+    log = server.log.read_text()
+    assert "Traceback" not in log and "second signal" in log
