@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -76,6 +77,16 @@ def _serve(args: argparse.Namespace) -> int:
     if local_file(spec) is None:
         print(f"model '{spec.id}' is not downloaded; run `hostler pull {spec.id}`", file=sys.stderr)
         return 2
+    # Bind before the model loads: a port in use is reported at once, not after a
+    # 12B model has spent a minute loading.
+    try:
+        listener = _bind(settings.host, settings.port)
+    except OSError as exc:
+        print(
+            f"hostler: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 2
     app = create_app(settings, models_file)
     config = uvicorn.Config(
         app,
@@ -101,8 +112,22 @@ def _serve(args: argparse.Namespace) -> int:
     # in place that re-raise is a no-op, so a clean shutdown exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    server.run()
+    server.run(sockets=[listener])
     return 0 if server.started else 1
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (listening starts when the server starts)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 def _pull(args: argparse.Namespace) -> int:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import Server
+from tests.e2e.conftest import ROOT, Server
 
 pytestmark = pytest.mark.e2e
 
@@ -180,3 +183,15 @@ def test_a_second_signal_exits_at_once_without_tracebacks(tmp_path: Path) -> Non
     assert time.monotonic() - t0 < 5 and code == 1
     log = server.log.read_text()
     assert "Traceback" not in log and "second signal" in log
+
+
+def test_a_port_in_use_is_reported_before_loading() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cmd = [sys.executable, "-m", "server", "serve", "--model", "smollm2-135m"]
+        cmd += ["--port", str(port), "--models-file", str(ROOT / "models.yaml")]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr
