@@ -24,9 +24,8 @@ import os
 import queue
 import struct
 import threading
-import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +67,6 @@ class Entry:
     size: int  # bytes of state
     state: bytes | None = None  # in RAM; None for a disk-only entry
     path: Path | None = None
-    last_used: float = field(default_factory=time.monotonic)
 
 
 @dataclass

@@ -120,20 +120,27 @@ def test_health_stays_fast_while_8_streams_run(tmp_path: Path) -> None:
         assert server.stop() == 0
 
 
-def test_shutdown_ends_streams_with_a_final_event(tmp_path: Path) -> None:
-    server = Server(tmp_path / "log", "--slots", "2", "--shutdown-grace", "3")
-    body = {
-        "model": "smollm2-135m",
-        "messages": [{"role": "user", "content": "Write a very long story."}],
-        "max_tokens": 4000,
-        "stream": True,
-        "ignore_eos": True,
-    }
+LONG_STREAM = {
+    "model": "smollm2-135m",
+    "messages": [{"role": "user", "content": "Write a very long story."}],
+    "max_tokens": 4000,
+    "stream": True,
+    "ignore_eos": True,
+}
+
+
+def _stream_in_background(server: Server) -> tuple[threading.Thread, list[str]]:
+    """A long stream on its own thread, returned once its first line has arrived."""
     lines: list[str] = []
     first = threading.Event()
 
     def stream() -> None:
-        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        with (
+            contextlib.suppress(httpx.HTTPError),
+            httpx.stream(
+                "POST", server.url + "/v1/chat/completions", json=LONG_STREAM, timeout=60
+            ) as r,
+        ):
             for line in r.iter_lines():
                 lines.append(line)
                 first.set()
@@ -141,6 +148,12 @@ def test_shutdown_ends_streams_with_a_final_event(tmp_path: Path) -> None:
     t = threading.Thread(target=stream)
     t.start()
     assert first.wait(60)
+    return t, lines
+
+
+def test_shutdown_ends_streams_with_a_final_event(tmp_path: Path) -> None:
+    server = Server(tmp_path / "log", "--slots", "2", "--shutdown-grace", "3")
+    t, lines = _stream_in_background(server)
     t0 = time.monotonic()
     code = server.stop(timeout=30)
     t.join(30)
@@ -154,26 +167,7 @@ def test_shutdown_ends_streams_with_a_final_event(tmp_path: Path) -> None:
 
 def test_a_second_signal_exits_at_once_without_tracebacks(tmp_path: Path) -> None:
     server = Server(tmp_path / "log", "--slots", "2", "--shutdown-grace", "30")
-    body = {
-        "model": "smollm2-135m",
-        "messages": [{"role": "user", "content": "Write a very long story."}],
-        "max_tokens": 4000,
-        "stream": True,
-        "ignore_eos": True,
-    }
-    first = threading.Event()
-
-    def stream() -> None:
-        with (
-            contextlib.suppress(httpx.HTTPError),
-            httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r,
-        ):
-            for _ in r.iter_lines():
-                first.set()
-
-    t = threading.Thread(target=stream)
-    t.start()
-    assert first.wait(60)
+    t, _ = _stream_in_background(server)
     server.proc.send_signal(signal.SIGINT)
     time.sleep(0.5)
     t0 = time.monotonic()
