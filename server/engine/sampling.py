@@ -1,8 +1,9 @@
-"""Per-request sampler chains: llama.cpp's samplers, plus the few it lacks applied in numpy.
+"""Per-request sampler chains: llama.cpp's samplers, plus the few it lacks in numpy.
 
 The chain is built once per request; the per-token path is one `llama_sampler_sample`
-call, and touches the logits row in numpy only when a request asks for something that
-needs it (top_a, min_tokens, logprobs).
+call. Stages llama.cpp lacks (top_a, tail-free, smoothing) are numpy stages inside the
+chain (engine/stages.py); the logits row is touched in numpy only for min_tokens, a
+banned phrase's rewind, or logprobs.
 """
 
 from __future__ import annotations
@@ -10,43 +11,36 @@ from __future__ import annotations
 import ctypes
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import llama_cpp.llama_cpp as lc
 import numpy as np
 import numpy.typing as npt
 
+from server.engine import stages
 from server.engine.llama import LlamaModel
+from server.engine.stages import TOKEN_DATA, NumpyStage
 from server.engine.types import SamplingParams, TokenLogprob
 
 # The default order of the truncation/shaping stages, after logit bias and penalties.
 DEFAULT_ORDER: tuple[str, ...] = (
+    "smoothing",
     "top_n_sigma",
     "top_k",
+    "top_a",
+    "tfs",
     "typical_p",
     "top_p",
     "min_p",
     "xtc",
     "temperature",
 )
-# llama_token_data as numpy sees it: {int32 id; float logit; float p}.
-TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
-
 # Mirostat v1's sample size for estimating s_hat (the paper's and llama.cpp's value).
 MIROSTAT_M = 100
-# The stages `sampler_order` may reorder; the others (top_a, bias, penalties, DRY,
-# grammar) have fixed places before them.
+# The stages `sampler_order` may reorder; the others (bias, penalties, DRY, grammar)
+# have fixed places before them, and the final pick (dist or adaptive-p) comes last.
 STAGES = frozenset(DEFAULT_ORDER)
-
-
-def apply_top_a(logits: npt.NDArray[np.float32], top_a: float) -> None:
-    """Mask (in place) tokens whose probability is below top_a * p_max**2."""
-    m = float(logits.max())
-    probs = np.exp(logits - m)
-    probs /= probs.sum()
-    p_max = float(probs.max())
-    logits[probs < top_a * p_max * p_max] = -np.inf
 
 
 class GrammarDeadEnd(Exception):
@@ -61,6 +55,30 @@ class GrammarDeadEnd(Exception):
         self.complete = complete
 
 
+class NoTokenLeft(Exception):
+    """Every token is excluded at this position (bans on top of the request's own)."""
+
+
+class Snapshot:
+    """Clones of a SeqSampler's chain parts, to return to after a rewind."""
+
+    def __init__(self, owner: SeqSampler, chain: Any, head: Any, grammar: Any) -> None:
+        self.owner = owner  # keeps the numpy stages the clones point into alive
+        self._parts: tuple[Any, Any, Any] | None = (chain, head, grammar)
+
+    def take(self) -> tuple[Any, Any, Any]:
+        assert self._parts is not None
+        parts, self._parts = self._parts, None
+        return parts
+
+    def free(self) -> None:
+        if self._parts is not None:
+            for part in self._parts:
+                if part is not None:
+                    lc.llama_sampler_free(part)
+            self._parts = None
+
+
 class SeqSampler:
     """One sequence's sampler: a llama sampler chain plus numpy pre-processing.
 
@@ -68,14 +86,14 @@ class SeqSampler:
     rest) and applied step by step on our own candidate array: llama.cpp aborts the
     process when a token the grammar rejects is accepted, which happens whenever every
     token it allows was banned. Here such a dead end is detected before anything is
-    accepted. min_tokens and top_a then run after the grammar, on what it allows.
+    accepted. min_tokens then runs after the grammar, on what it allows.
     """
 
     def __init__(self, model: LlamaModel, params: SamplingParams, seed: int | None) -> None:
         self.model = model
         self.params = params
         self.seed = (seed if seed is not None else random.getrandbits(32)) & 0xFFFFFFFF
-        self._keep: list[object] = []  # ctypes buffers the chain points into
+        self._keep: list[object] = []  # ctypes buffers and numpy stages the chain uses
         self.head: Any = None  # with a grammar: bias, penalties and DRY
         self.grammar: Any = None
         self._candidates: Any = None
@@ -88,9 +106,6 @@ class SeqSampler:
         self._pre: list[Callable[[npt.NDArray[np.float32], int], None]] = []
         if params.min_tokens > 0:
             self._pre.append(self._suppress_eog_until_min)
-        if params.top_a > 0:
-            top_a = params.top_a
-            self._pre.append(lambda row, _n: apply_top_a(row, top_a))
         self.wants_logprobs = params.top_logprobs is not None
 
     def _build(self) -> Any:
@@ -166,12 +181,32 @@ class SeqSampler:
         order += [stage for stage in DEFAULT_ORDER if stage not in order]  # unlisted: after
         for stage in order:
             self._add_stage(add, stage)
-        add(lc.llama_sampler_init_dist(self.seed))
+        if p.adaptive_target >= 0:
+            # adaptive-p draws the token itself, near a target probability (llama.cpp #17927).
+            add(lc.llama_sampler_init_adaptive_p(p.adaptive_target, p.adaptive_decay, self.seed))
+        else:
+            add(lc.llama_sampler_init_dist(self.seed))
         return chain
+
+    def _numpy_stage(
+        self, add: Callable[[object], None], name: str, fn: Callable[..., Any]
+    ) -> None:
+        stage = NumpyStage(name, fn)
+        self._keep.append(stage)
+        add(stage.make())
 
     def _add_stage(self, add: Callable[[object], None], stage: str) -> None:
         p = self.params
-        if stage == "top_n_sigma" and p.top_n_sigma > 0:
+        if stage == "smoothing" and p.smoothing_factor > 0:
+            factor, curve = p.smoothing_factor, p.smoothing_curve
+            self._numpy_stage(add, "smoothing", lambda x: stages.smoothing(x, factor, curve))
+        elif stage == "top_a" and p.top_a > 0:
+            a = p.top_a
+            self._numpy_stage(add, "top-a", lambda x: stages.top_a(x, a))
+        elif stage == "tfs" and p.tfs < 1.0:
+            z = p.tfs
+            self._numpy_stage(add, "tail-free", lambda x: stages.tail_free_keep(x, z))
+        elif stage == "top_n_sigma" and p.top_n_sigma > 0:
             add(lc.llama_sampler_init_top_n_sigma(p.top_n_sigma))
         elif stage == "top_k" and p.top_k > 0:
             add(lc.llama_sampler_init_top_k(p.top_k))
@@ -197,10 +232,14 @@ class SeqSampler:
         if n_generated < self.params.min_tokens:
             row[self._eog_ids] = -np.inf
 
-    def sample(self, index: int, n_generated: int) -> tuple[int, TokenLogprob | None]:
+    def sample(
+        self, index: int, n_generated: int, banned: Collection[int] = ()
+    ) -> tuple[int, TokenLogprob | None]:
         """Pick the next token from batch position `index`; the chain accepts it.
 
-        Raises GrammarDeadEnd (nothing accepted) when a grammar leaves no token.
+        `banned`: tokens excluded at this position (a banned phrase began with them).
+        Raises GrammarDeadEnd (nothing accepted) when a grammar leaves no token, and
+        NoTokenLeft when the bans exclude every token.
         """
         logprob: TokenLogprob | None = None
         raw: npt.NDArray[np.float32] | None = None
@@ -208,19 +247,40 @@ class SeqSampler:
             row = self.model.logits_row(index)
             if self.wants_logprobs:
                 raw = row.copy()
+            if banned:
+                row[list(banned)] = -np.inf
             token = self._pick_constrained(row, n_generated)
             self.accept(token)
         else:
-            if self._pre or self.wants_logprobs:
+            if self._pre or self.wants_logprobs or banned:
                 row = self.model.logits_row(index)
                 if self.wants_logprobs:
                     raw = row.copy()
                 for fn in self._pre:
                     fn(row, n_generated)
+                if banned:
+                    row[list(banned)] = -np.inf
+                    if not np.isfinite(row).any():
+                        raise NoTokenLeft()
             token = int(lc.llama_sampler_sample(self.chain, self.model.ctx, index))
         if raw is not None:
             logprob = self._logprob(raw, token)
         return token, logprob
+
+    def snapshot(self) -> Snapshot:
+        """A copy of the chain's state now (penalty history, grammar, RNG, adaptive-p)."""
+        return Snapshot(
+            self,
+            lc.llama_sampler_clone(self.chain),
+            lc.llama_sampler_clone(self.head) if self.head is not None else None,
+            lc.llama_sampler_clone(self.grammar) if self.grammar is not None else None,
+        )
+
+    def restore(self, snap: Snapshot) -> None:
+        """Go back to `snap`'s state; the snapshot is used up."""
+        assert snap.owner is self
+        self.close_chain()
+        self.chain, self.head, self.grammar = snap.take()
 
     def _pick_constrained(self, row: npt.NDArray[np.float32], n_generated: int) -> int:
         """Head, grammar, pre-steps, dead-end check, then the rest of the chain."""
@@ -306,6 +366,9 @@ class SeqSampler:
         )
 
     def close(self) -> None:
+        self.close_chain()
+
+    def close_chain(self) -> None:
         if getattr(self, "chain", None) is not None:
             lc.llama_sampler_free(self.chain)
             self.chain = None

@@ -25,11 +25,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from server.engine.bans import BanTracker, Hit, RegexTimeout
 from server.engine.cache import MIN_TOKENS, PromptCache
 from server.engine.detokenizer import TextStream
 from server.engine.llama import Batch, ContextOptions, LlamaModel
 from server.engine.reuse import Chunk, plan_reuse, reused_tokens
-from server.engine.sampling import GrammarDeadEnd, SeqSampler
+from server.engine.sampling import GrammarDeadEnd, NoTokenLeft, SeqSampler, Snapshot
 from server.engine.types import (
     FinishReason,
     GenerationRequest,
@@ -40,6 +41,11 @@ from server.engine.types import (
 from server.errors import BadRequestError, QueueFullError, ServiceUnavailableError
 
 log = logging.getLogger("hostler.engine")
+
+# A choice that keeps forming banned phrases ends (cleanly, with a note) after this many
+# rewinds, or this many bans at one position: it never loops.
+MAX_REWINDS = 256
+MAX_BANS_AT_POSITION = 64
 
 
 class _Handle:
@@ -99,6 +105,14 @@ class _Seq:
     generated: list[int] = field(default_factory=list)
     next_token: int = -1  # sampled, not yet decoded
     finished: bool = False
+    # Banned phrases (only when the request has some): the tracker holds back text that
+    # could still become one; `held` are its tokens (id, logprob) not yet handed out.
+    tracker: BanTracker | None = None
+    held: list[tuple[int, TokenLogprob | None]] = field(default_factory=list)
+    snapshots: dict[int, Snapshot] = field(default_factory=dict)
+    """The sampler's state before each held position was sampled, to rewind to."""
+    banned_at: dict[int, set[int]] = field(default_factory=dict)
+    rewinds: int = 0
 
     @property
     def prefilling(self) -> bool:
@@ -172,6 +186,7 @@ class LlamaEngine:
             "cached_tokens": 0,
             "reused_chunk_tokens": 0,
             "restored_tokens": 0,
+            "ban_rewinds": 0,
         }
         self._thread = threading.Thread(target=self._run, name="hostler-engine", daemon=True)
         self._thread.start()
@@ -374,6 +389,8 @@ class LlamaEngine:
             self.model, seq.request.params, None if seed is None else seed + seq.index
         )
         seq.stream = TextStream(seq.request.stop)
+        if seq.request.bans is not None:
+            seq.tracker = BanTracker(seq.request.bans)
         self._active.append(seq)
         self.stats["requests"] += 1
         self.stats["cached_tokens"] += keep
@@ -480,46 +497,139 @@ class LlamaEngine:
     def _sample(self, seq: _Seq, idx: int) -> SeqOutput | None:
         assert seq.sampler is not None
         req = seq.request
+        position = len(seq.generated)
+        banned = seq.banned_at.get(position, ())
+        if seq.tracker is not None:
+            seq.snapshots[position] = seq.sampler.snapshot()
         try:
-            token, logprob = seq.sampler.sample(idx, len(seq.generated))
+            token, logprob = seq.sampler.sample(idx, position, banned)
         except GrammarDeadEnd as exc:
             # A finished document whose end was banned ends here; otherwise the bans
             # excluded everything the grammar allows, which no token can satisfy.
             if exc.complete:
-                return self._finish(seq, "stop")
+                return self._end(seq, "stop")
+            if banned:
+                return self._give_up(seq, position, "every token the grammar allows")
             return self._finish(seq, "error", str(exc))
+        except NoTokenLeft:
+            return self._give_up(seq, position, "every token")
         self.stats["tokens"] += 1
         seq.generated.append(token)
         seq.next_token = token
-        finish: FinishReason | None = None
-        text = ""
         eog = self.model.is_eog(token) or token in req.stop_token_ids
         if eog and not req.params.ignore_eos:
-            finish = "stop"
-        else:
-            text = seq.stream.push(self.model.piece(token, req.render_special))
-            if seq.stream.stopped:
-                finish = "stop"
-            elif len(seq.generated) >= req.max_tokens or seq.n_past + 1 >= self.model.n_ctx:
-                finish = "length"
+            o = self._end(seq, "stop")
+            o.token_ids.append(token)
+            if logprob is not None:
+                o.logprobs = [*(o.logprobs or []), logprob]
+            return o
+        piece = self.model.piece(token, req.render_special)
+        tokens: list[int] = [token]
         logprobs: list[TokenLogprob] | None = [logprob] if logprob is not None else None
+        if seq.tracker is None:
+            text = seq.stream.push(piece)
+        else:
+            seq.held.append((token, logprob))
+            try:
+                hit = seq.tracker.push(piece)
+                if hit is not None:
+                    return self._rewind(seq, hit)
+                n, data = seq.tracker.release()
+            except RegexTimeout as exc:
+                return self._finish(seq, "error", str(exc))
+            tokens, logprobs = self._take_held(seq, n)
+            text = seq.stream.push(data) if n else ""
+        finish: FinishReason | None = None
+        if seq.stream.stopped:
+            finish = "stop"
+        elif len(seq.generated) >= req.max_tokens or seq.n_past + 1 >= self.model.n_ctx:
+            finish = "length"
         if finish is not None:
-            o = self._finish(seq, finish)
+            o = self._end(seq, finish)
             o.text = text + o.text
-            o.token_ids = [token]
-            o.logprobs = logprobs
+            o.token_ids = tokens + o.token_ids
+            if logprobs is not None or o.logprobs is not None:
+                o.logprobs = (logprobs or []) + (o.logprobs or [])
             return o
         return SeqOutput(
             index=seq.index,
             text=text,
-            token_ids=[token],
+            token_ids=tokens,
             logprobs=logprobs,
             prompt_tokens=len(req.prompt_tokens),
             cached_tokens=seq.cached,
             completion_tokens=len(seq.generated),
         )
 
-    def _finish(self, seq: _Seq, reason: FinishReason, error: str | None = None) -> SeqOutput:
+    def _take_held(self, seq: _Seq, n: int) -> tuple[list[int], list[TokenLogprob] | None]:
+        """The first `n` held tokens, now released: their ids and logprobs."""
+        taken, seq.held = seq.held[:n], seq.held[n:]
+        assert seq.tracker is not None
+        for position in [p for p in seq.snapshots if p < seq.tracker.released]:
+            seq.snapshots.pop(position).free()
+        logprobs = [lp for _, lp in taken if lp is not None]
+        return [t for t, _ in taken], (logprobs or None)
+
+    def _end(self, seq: _Seq, reason: FinishReason, note: str | None = None) -> SeqOutput:
+        """Finish normally: what the ban tracker still holds goes out first."""
+        tokens: list[int] = []
+        logprobs: list[TokenLogprob] | None = None
+        text = ""
+        if seq.tracker is not None:
+            n, data = seq.tracker.flush()
+            tokens, logprobs = self._take_held(seq, n)
+            if not seq.stream.stopped:
+                text = seq.stream.push(data)
+        o = self._finish(seq, reason, note=note)
+        o.text = text + o.text
+        o.token_ids = tokens
+        o.logprobs = logprobs
+        return o
+
+    def _rewind(self, seq: _Seq, hit: Hit) -> SeqOutput | None:
+        """A banned phrase formed: go back to the token where it began, ban that token
+        there, and sample again (the next step re-decodes the token before it)."""
+        assert seq.tracker is not None and seq.sampler is not None and seq.slot is not None
+        at = hit.token
+        seq.rewinds += 1
+        bans = seq.banned_at.setdefault(at, set())
+        bans.add(seq.generated[at])
+        if seq.rewinds > MAX_REWINDS or len(bans) > MAX_BANS_AT_POSITION:
+            return self._give_up(seq, at, repr(hit.phrase))
+        n_prompt = len(seq.request.prompt_tokens)
+        pos = n_prompt + at - 1  # the cell whose logits sample position `at`
+        if not self.model.seq_rm(seq.slot.id, pos, -1):
+            return self._give_up(seq, at, repr(hit.phrase))  # this memory cannot cut
+        seq.slot.truncate(pos)
+        for position in [p for p in seq.banned_at if p > at]:
+            del seq.banned_at[position]
+        seq.sampler.restore(seq.snapshots.pop(at))
+        for position in [p for p in seq.snapshots if p > at]:
+            seq.snapshots.pop(position).free()
+        del seq.held[at - seq.tracker.released :]
+        seq.tracker.rewind(at)
+        seq.next_token = seq.generated[at - 1] if at > 0 else seq.request.prompt_tokens[-1]
+        del seq.generated[at:]
+        seq.n_past = pos
+        self.stats["ban_rewinds"] += 1
+        return None
+
+    def _give_up(self, seq: _Seq, at: int, what: str) -> SeqOutput:
+        """End a choice before position `at`, where a banned phrase cannot be avoided."""
+        assert seq.tracker is not None
+        del seq.held[at - seq.tracker.released :]
+        seq.tracker.rewind(at)
+        del seq.generated[at:]
+        note = f"banned_string: could not avoid {what} after {seq.rewinds} rewinds"
+        return self._end(seq, "stop", note)
+
+    def _finish(
+        self,
+        seq: _Seq,
+        reason: FinishReason,
+        error: str | None = None,
+        note: str | None = None,
+    ) -> SeqOutput:
         seq.finished = True
         tail = seq.stream.flush() if reason in ("stop", "length") else ""
         if seq in self._active:
@@ -533,6 +643,9 @@ class LlamaEngine:
             seq.slot.seq = None
             seq.slot.last_used = time.monotonic()
             seq.slot = None
+        for snap in seq.snapshots.values():
+            snap.free()
+        seq.snapshots.clear()
         if seq.sampler is not None:
             seq.sampler.close()
         return SeqOutput(
@@ -540,6 +653,7 @@ class LlamaEngine:
             text=tail,
             finish_reason=reason,
             error=error,
+            note=note,
             prompt_tokens=len(seq.request.prompt_tokens),
             cached_tokens=seq.cached,
             completion_tokens=len(seq.generated),
@@ -616,6 +730,7 @@ def merge_steps(steps: list[list[SeqOutput]]) -> list[SeqOutput]:
                 m.logprobs = (m.logprobs or []) + o.logprobs
             m.finish_reason = o.finish_reason or m.finish_reason
             m.error = o.error or m.error
+            m.note = o.note or m.note
             m.prompt_tokens = o.prompt_tokens
             m.cached_tokens = o.cached_tokens
             m.completion_tokens = o.completion_tokens

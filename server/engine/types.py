@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from server.engine.bans import BanList
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -44,6 +47,12 @@ class SamplingParams:
     top_logprobs: int | None = None
     """None: no logprobs. 0..20: the sampled token's logprob plus this many alternatives."""
     sampler_order: tuple[str, ...] | None = None
+    tfs: float = 1.0
+    smoothing_factor: float = 0.0
+    smoothing_curve: float = 1.0
+    adaptive_target: float = -1.0
+    """adaptive-p's target probability; negative: off (the final pick is a plain draw)."""
+    adaptive_decay: float = 0.9
 
     @property
     def greedy(self) -> bool:
@@ -62,6 +71,8 @@ class GenerationRequest:
     n: int = 1
     render_special: bool = False
     """Write control tokens (e.g. Mistral's `[TOOL_CALLS]`) into the text, for tool parsing."""
+    bans: BanList | None = None
+    """Phrases the text must never contain (rewound and resampled when one forms)."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,8 @@ class SeqOutput:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason | None = None
     error: str | None = None
+    note: str | None = None
+    """Why a choice ended early without an error (a banned phrase it could not avoid)."""
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0

@@ -34,6 +34,9 @@ RENAMES: dict[str, str] = {
     "grammar_string": "grammar",
     "guided_grammar": "grammar",
     "min_length": "min_tokens",
+    "tfs_z": "tfs",
+    "banned_phrases": "banned_strings",
+    "smoothing": "smoothing_factor",
 }
 
 # Stage names in other servers' order lists -> ours (None: a stage with a fixed place).
@@ -49,10 +52,24 @@ _STAGES: dict[str, str | None] = {
     "temp": "temperature",
     "dynamic_temperature": "temperature",
     "top_n_sigma": "top_n_sigma",
+    "top_a": "top_a",
+    "tfs": "tfs",
+    "tfs_z": "tfs",
+    "tail_free": "tfs",
+    "quadratic_sampling": "smoothing",
+    "quadratic": "smoothing",
+    "smoothing": "smoothing",
 }
 # KoboldCpp's integer ids: 0 top-k, 1 top-a, 2 top-p, 3 tfs, 4 typical, 5 temperature,
-# 6 repetition penalty.
-_KOBOLD_STAGES: dict[int, str] = {0: "top_k", 2: "top_p", 4: "typical_p", 5: "temperature"}
+# 6 repetition penalty (which has a fixed place here).
+_KOBOLD_STAGES: dict[int, str] = {
+    0: "top_k",
+    1: "top_a",
+    2: "top_p",
+    3: "tfs",
+    4: "typical_p",
+    5: "temperature",
+}
 
 
 def _order(names: list[Any]) -> list[str]:
@@ -89,6 +106,13 @@ def _token_ids(value: Any) -> list[int]:
     return []
 
 
+def _phrases(value: Any) -> list[str]:
+    """KoboldCpp's `banned_tokens`: a list of phrases (its anti-slop list)."""
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, str) and v]
+    return []
+
+
 def from_foreign(data: Any) -> Any:
     """The request body with foreign names and forms turned into ours (a new dict)."""
     if not isinstance(data, dict):
@@ -118,16 +142,26 @@ def from_foreign(data: Any) -> Any:
         body.pop(name)
         if body.get("sampler_order") is None or name == "sampler_order":
             body["sampler_order"] = _order(order)
-    if body.pop("temperature_last", None) is False:
-        body.setdefault("sampler_order", ["temperature"])  # temperature first
+    # text-generation-webui: temperature_last moves temperature to the end of the order;
+    # without it, its default order starts with temperature.
+    last = body.pop("temperature_last", None)
+    order = body.get("sampler_order")
+    if last is True and isinstance(order, list) and "temperature" in order:
+        body["sampler_order"] = [s for s in order if s != "temperature"] + ["temperature"]
+    elif last is False and order is None:
+        body["sampler_order"] = ["temperature"]
     bias = body.get("logit_bias")
     if isinstance(bias, list):
         pairs = _bias_pairs(bias)
         if pairs is not None:
             body["logit_bias"] = pairs
-    bans = _token_ids(body.pop("custom_token_bans", None)) + _token_ids(
-        body.pop("banned_tokens", None)
-    )
+    kobold_bans = body.pop("banned_tokens", None)
+    phrases = _phrases(kobold_bans)
+    if phrases:
+        current = body.get("banned_strings")
+        if current is None or isinstance(current, list):
+            body["banned_strings"] = [*(current or []), *phrases]
+    bans = _token_ids(body.pop("custom_token_bans", None)) + _token_ids(kobold_bans)
     if bans and (body.get("logit_bias") is None or isinstance(body.get("logit_bias"), dict)):
         merged = {str(t): -100.0 for t in bans}
         merged.update(body.get("logit_bias") or {})

@@ -96,6 +96,9 @@ class ChatChoice(BaseModel):
     message: ResponseMessage
     finish_reason: str | None
     logprobs: ChoiceLogprobs | None = None
+    native_finish_reason: str | None = Field(
+        None, description="Why it ended, when more specific: `banned_string`."
+    )
 
 
 class ChatCompletion(BaseModel):

@@ -18,7 +18,12 @@ MAX_LOGIT_BIAS = 1_024
 MAX_BREAKERS = 64
 MAX_BREAKER_CHARS = 64
 MAX_MODELS = 16
-_TOKEN_ID = re.compile(r"-?[0-9]{1,10}")
+MAX_BIAS_KEY_CHARS = 128
+# Exact limits on banned phrases are the engine's (engine/bans.py); these only bound
+# what is parsed at all.
+MAX_BANNED_ENTRIES = 16_384 + 64
+MAX_BANNED_CHARS = 1_024
+TOKEN_ID = re.compile(r"-?[0-9]{1,10}")
 
 
 class PromptTokensDetails(BaseModel):
@@ -85,6 +90,21 @@ class ResponseFormat(BaseModel):
         return self
 
 
+class BannedString(BaseModel):
+    """One `banned_strings` entry in object form: a phrase or a regular expression."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = Field(None, min_length=1, max_length=MAX_BANNED_CHARS)
+    regex: str | None = Field(None, min_length=1, max_length=MAX_BANNED_CHARS)
+    case_sensitive: bool = False
+
+    @model_validator(mode="after")
+    def _one(self) -> BannedString:
+        if (self.text is None) == (self.regex is None):
+            raise ValueError("give exactly one of 'text' and 'regex'")
+        return self
+
+
 class SamplingFields(BaseModel):
     """Generation parameters common to chat and text completions (OpenAI + OpenRouter)."""
 
@@ -132,6 +152,20 @@ class SamplingFields(BaseModel):
     dynatemp_range: float | None = Field(None, ge=0, le=100)
     dynatemp_exponent: float | None = Field(None, ge=0, le=100)
     sampler_order: list[str] | None = Field(None, max_length=32)
+    tfs: float | None = Field(None, gt=0, le=1, description="Tail-free sampling's z.")
+    smoothing_factor: float | None = Field(None, ge=0, le=100)
+    smoothing_curve: float | None = Field(None, ge=1, le=10)
+    adaptive_target: float | None = Field(
+        None, ge=-1, le=1, description="adaptive-p's target probability; negative: off."
+    )
+    adaptive_decay: float | None = Field(None, ge=0, le=0.99)
+    banned_strings: list[str | BannedString] | None = Field(
+        None,
+        max_length=MAX_BANNED_ENTRIES,
+        description="Phrases the reply must never contain: plain text (case-insensitive)"
+        " or {text|regex, case_sensitive}. Generation rewinds when one starts to form.",
+    )
+    preset: str | None = Field(None, max_length=64, description="A preset of the model's.")
     transforms: list[str] | None = Field(None, max_length=16)
     provider: dict[str, Any] | None = None
     user: str | None = None
@@ -168,14 +202,22 @@ class SamplingFields(BaseModel):
     @field_validator("logit_bias")
     @classmethod
     def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        # Keys are token ids (ASCII digits: str.isdigit() also accepts '²', which int()
+        # rejects) or text, whose tokens are biased (serving/params.py).
         if v is not None and len(v) > MAX_LOGIT_BIAS:
             raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
         for key, val in (v or {}).items():
-            # ASCII digits only: str.isdigit() also accepts '²', which int() rejects.
-            if not _TOKEN_ID.fullmatch(key):
-                raise ValueError(f"key {key[:20]!r} is not a token id")
+            if not key or len(key) > MAX_BIAS_KEY_CHARS:
+                raise ValueError(f"a key is a token id or text of 1 to {MAX_BIAS_KEY_CHARS} chars")
             if not -100 <= val <= 100:
-                raise ValueError(f"bias for token {key} must be between -100 and 100")
+                raise ValueError(f"bias for {key[:20]!r} must be between -100 and 100")
+        return v
+
+    @field_validator("banned_strings")
+    @classmethod
+    def _banned(cls, v: list[str | BannedString] | None) -> list[str | BannedString] | None:
+        if v is not None and any(isinstance(b, str) and len(b) > MAX_BANNED_CHARS for b in v):
+            raise ValueError(f"an entry may be at most {MAX_BANNED_CHARS} characters")
         return v
 
     @model_validator(mode="after")

@@ -57,6 +57,9 @@ class CompletionChoice(BaseModel):
     text: str
     finish_reason: str | None = None
     logprobs: CompletionLogprobs | None = None
+    native_finish_reason: str | None = Field(
+        None, description="Why it ended, when more specific: `banned_string`."
+    )
 
 
 class Completion(BaseModel):

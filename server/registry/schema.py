@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import regex
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -60,8 +61,20 @@ class PackageSource(_Strict):
 Source = Annotated[HuggingFaceSource | PathSource | PackageSource, Field(discriminator="type")]
 
 
+class BannedEntry(_Strict):
+    """A banned phrase in object form: plain text or a regular expression."""
+
+    text: str | None = Field(None, min_length=1)
+    regex: str | None = Field(None, min_length=1)
+    case_sensitive: bool = False
+
+
 class SamplerDefaults(_Strict):
-    """Per-model default sampler values; a request's own values override them."""
+    """Sampler values for a model: its `defaults`, its `force`d values, or a named preset.
+
+    The names and bounds are the request's own (a test keeps them in step with
+    protocol/common.py's SamplingFields).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -70,10 +83,39 @@ class SamplerDefaults(_Strict):
     min_p: float | None = Field(None, ge=0, le=1)
     top_a: float | None = Field(None, ge=0, le=1)
     typical_p: float | None = Field(None, gt=0, le=1)
+    top_n_sigma: float | None = Field(None, ge=0, le=1000)
+    tfs: float | None = Field(None, gt=0, le=1)
+    smoothing_factor: float | None = Field(None, ge=0, le=100)
+    smoothing_curve: float | None = Field(None, ge=1, le=10)
+    adaptive_target: float | None = Field(None, ge=-1, le=1)
+    adaptive_decay: float | None = Field(None, ge=0, le=0.99)
     repetition_penalty: float | None = Field(None, gt=0, le=2)
+    repetition_penalty_range: int | None = Field(None, ge=-1)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
+    dry_multiplier: float | None = Field(None, ge=0, le=100)
+    dry_base: float | None = Field(None, ge=1, le=100)
+    dry_allowed_length: int | None = Field(None, ge=0)
+    dry_penalty_last_n: int | None = Field(None, ge=-1)
+    dry_sequence_breakers: list[str] | None = None
+    xtc_threshold: float | None = Field(None, ge=0, le=1)
+    xtc_probability: float | None = Field(None, ge=0, le=1)
+    mirostat_mode: int | None = Field(None, ge=0, le=2)
+    mirostat_tau: float | None = Field(None, ge=0, le=1000)
+    mirostat_eta: float | None = Field(None, ge=0, le=1000)
+    dynatemp_range: float | None = Field(None, ge=0, le=100)
+    dynatemp_exponent: float | None = Field(None, ge=0, le=100)
+    sampler_order: list[str] | None = None
+    min_tokens: int | None = Field(None, ge=0)
     max_tokens: int | None = Field(None, ge=1)
+    stop: list[str] | None = None
+    logit_bias: dict[str, float] | None = None
+    banned_strings: list[str] | None = None
+    seed: int | None = None
+
+
+# Request fields a model may `strip` (drop from every request before use).
+STRIPPABLE = frozenset(SamplerDefaults.model_fields)
 
 
 class ModelSpec(_Strict):
@@ -98,7 +140,51 @@ class ModelSpec(_Strict):
         description="Chunk reuse after trimming: the shortest run of tokens kept and shifted"
         " into place (0: off). An approximation; see README, Prompt caches.",
     )
-    defaults: SamplerDefaults = Field(default_factory=SamplerDefaults)
+    defaults: SamplerDefaults = Field(
+        default_factory=SamplerDefaults,
+        description="Values used when a request does not set them.",
+    )
+    presets: dict[str, SamplerDefaults] = Field(
+        default_factory=dict,
+        description="Named sets of values a request selects with `preset: <name>`; they"
+        " fill what the request does not set, before `defaults`.",
+    )
+    force: SamplerDefaults = Field(
+        default_factory=SamplerDefaults,
+        description="Values that override whatever a request sends (reported when they do).",
+    )
+    strip: tuple[str, ...] = Field(
+        (),
+        description="Request fields dropped before use (the preset/default applies instead).",
+    )
+    banned_strings: tuple[str | BannedEntry, ...] = Field(
+        (),
+        description="Phrases this model never writes, on top of each request's own"
+        " `banned_strings` (plain text is case-insensitive).",
+    )
+
+    @field_validator("strip")
+    @classmethod
+    def _strippable(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [name for name in v if name not in STRIPPABLE]
+        if unknown:
+            raise ValueError(f"cannot strip {', '.join(unknown)}: not a sampler field")
+        return v
+
+    @field_validator("banned_strings")
+    @classmethod
+    def _one_form(cls, v: tuple[str | BannedEntry, ...]) -> tuple[str | BannedEntry, ...]:
+        for entry in v:
+            if not isinstance(entry, BannedEntry):
+                continue
+            if (entry.text is None) == (entry.regex is None):
+                raise ValueError("a banned_strings entry needs exactly one of 'text' and 'regex'")
+            if entry.regex is not None:
+                try:
+                    regex.compile(entry.regex)
+                except regex.error as exc:
+                    raise ValueError(f"{entry.regex!r} is not a regular expression: {exc}") from exc
+        return v
 
     @property
     def n_gpu_layers(self) -> int:

@@ -21,7 +21,7 @@ from server.protocol.chat import (
 from server.protocol.common import ChoiceLogprobs, TokenLogprob, TopLogprob
 from server.protocol.completions import CompletionRequest, completion_from
 from server.serving.completions import CompletionJob, CompletionService
-from server.serving.job import FINGERPRINT, Caller, Job, JobFactory, Submission
+from server.serving.job import FINGERPRINT, Caller, Job, JobFactory, Submission, native_finish
 from server.serving.models import ServedModel
 from server.serving.prompt import (
     Prompt,
@@ -88,6 +88,7 @@ class ChatJob:
                     message=ResponseMessage(content=content, tool_calls=calls),
                     finish_reason=finish,
                     logprobs=chat_logprobs(c.logprobs),
+                    native_finish_reason=native_finish(c.note),
                 )
             )
         return ChatCompletion(
@@ -149,6 +150,8 @@ class ChatJob:
             return None
         # The key is always there (null until the last chunk), as OpenAI's schema has it.
         choice: dict[str, Any] = {"index": o.index, "delta": delta, "finish_reason": finish}
+        if o.note is not None:
+            choice["native_finish_reason"] = native_finish(o.note)
         lp = chat_logprobs(o.logprobs)
         if lp is not None:
             choice["logprobs"] = lp.model_dump(exclude_none=True)
@@ -171,9 +174,11 @@ class ChatService:
         if request.messages is None:
             return await self.completions.start(as_completion(request), caller, chat_shape=True)
         served, name = await self.jobs.pick_model(request)
-        # Rendering, tokenizing and compiling a grammar can take a while for a large
-        # request: off the event loop, so that other requests' streams keep flowing.
+        request, overridden = self.jobs.with_presets(request, served)
+        # Rendering, tokenizing and compiling a grammar or a ban list can take a while
+        # for a large request: off the event loop, so other requests' streams keep flowing.
         template, tools, grammar, prompt = await asyncio.to_thread(self._prepare, served, request)
+        bans = await asyncio.to_thread(self.jobs.bans, request, served)
         job = self.jobs.submit(
             request,
             Submission(
@@ -183,6 +188,8 @@ class ChatService:
                 template_stops=template.stop,
                 grammar=grammar,
                 render_special=tools is not None and tools.parse,
+                ignored=tuple(overridden),
+                bans=bans,
             ),
             caller,
         )

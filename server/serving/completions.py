@@ -22,7 +22,7 @@ from server.protocol.completions import (
     CompletionLogprobs,
     CompletionRequest,
 )
-from server.serving.job import FINGERPRINT, Caller, Job, JobFactory, Submission
+from server.serving.job import FINGERPRINT, Caller, Job, JobFactory, Submission, native_finish
 from server.serving.models import ServedModel
 from server.serving.prompt import byte_limit, clip_middle, tokenize_prompt
 from server.serving.structured import check_grammar, requested_grammar
@@ -93,6 +93,7 @@ class CompletionJob:
                         text=echo + c.text,
                         finish_reason=c.finish_reason,
                         logprobs=completion_logprobs(c.logprobs, len(echo)),
+                        native_finish_reason=native_finish(c.note),
                     )
                 )
         return self._body(choices, _sum_usage(self.jobs))
@@ -129,7 +130,11 @@ class CompletionJob:
             lp = completion_logprobs(o.logprobs, offsets[index])
             offsets[index] += len(o.text)
             return CompletionChoice(
-                index=index, text=o.text, finish_reason=o.finish_reason, logprobs=lp
+                index=index,
+                text=o.text,
+                finish_reason=o.finish_reason,
+                logprobs=lp,
+                native_finish_reason=native_finish(o.note),
             )
 
         for p, echo in enumerate(self.echoes):
@@ -194,9 +199,10 @@ class CompletionService:
         self, request: CompletionRequest, caller: Caller, *, chat_shape: bool = False
     ) -> CompletionJob:
         served, name = await self.jobs.pick_model(request)
-        # Tokenizing large prompts and compiling a grammar: off the event loop.
+        request, ignored = self.jobs.with_presets(request, served)
+        # Tokenizing large prompts, compiling a grammar or a ban list: off the event loop.
         grammar, prompts = await asyncio.to_thread(self._prepare, served, request)
-        ignored: list[str] = []
+        bans = await asyncio.to_thread(self.jobs.bans, request, served)
         if request.suffix is not None:
             ignored.append("suffix")  # no infill: the text after the gap is not used
         if request.best_of not in (None, request.n):
@@ -217,6 +223,7 @@ class CompletionService:
                             ignored=tuple(ignored),
                             prompt_param="prompt",
                             max_tokens=budget,
+                            bans=bans,
                         ),
                         caller,
                     )

@@ -13,8 +13,10 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from server import __version__
+from server.engine.bans import BanList
 from server.engine.types import (
     Engine,
     GenerationHandle,
@@ -33,9 +35,11 @@ from server.errors import (
 from server.protocol.common import PromptTokensDetails, SamplingFields, Usage
 from server.serving.generations import GenerationLog, GenerationRecord
 from server.serving.models import ModelService, ServedModel
-from server.serving.params import ignored_params, to_sampling_params
+from server.serving.params import banned_strings, ignored_params, to_sampling_params
+from server.serving.presets import apply_presets, model_bans
 
 FINGERPRINT = f"hostler-{__version__}"
+R = TypeVar("R", bound=SamplingFields)
 
 # Generation ids: unguessable enough for a local server, without a getrandom() syscall
 # per request (which is slow on some VMs).
@@ -44,6 +48,13 @@ _ids = random.Random(secrets.randbits(128))
 
 def new_generation_id() -> str:
     return f"gen-{_ids.getrandbits(96):024x}"
+
+
+def native_finish(note: str | None) -> str | None:
+    """OpenRouter's `native_finish_reason` for an engine note (None: nothing to add)."""
+    if note is None:
+        return None
+    return note.split(":", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,7 @@ class Choice:
     text: str = ""
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    note: str | None = None
 
 
 @dataclass
@@ -142,6 +154,7 @@ class Job:
                     c.logprobs = (c.logprobs or []) + o.logprobs
                 if o.finish_reason:
                     c.finish_reason = o.finish_reason
+                c.note = o.note or c.note
         return choices
 
     def _close(self, finish: str) -> None:
@@ -165,6 +178,7 @@ class Submission:
     ignored: tuple[str, ...] = ()
     prompt_param: str = "messages"
     max_tokens: int | None = None  # the budget, when the caller has already checked it
+    bans: BanList | None = None
 
 
 class JobFactory:
@@ -189,6 +203,17 @@ class JobFactory:
                 last = exc  # try the next model of a fallback list
         assert last is not None
         raise last
+
+    @staticmethod
+    def with_presets(request: R, served: ServedModel) -> tuple[R, list[str]]:
+        """The request as the model's presets make it (see serving/presets.py)."""
+        return apply_presets(request, served.spec)
+
+    @staticmethod
+    def bans(request: SamplingFields, served: ServedModel) -> BanList | None:
+        """The compiled banned phrases (request's and model's); slow the first time a
+        long list is seen, so callers run it off the event loop."""
+        return banned_strings(request.banned_strings, model_bans(served.spec))
 
     def max_tokens(
         self, served: ServedModel, request: SamplingFields, n_prompt: int, prompt_param: str
@@ -218,7 +243,12 @@ class JobFactory:
             served, request, len(sub.prompt_tokens), sub.prompt_param
         )
         params, dropped = to_sampling_params(
-            request, served.spec.defaults, info.n_vocab, info.n_ctx, sub.grammar
+            request,
+            served.spec.defaults,
+            info.n_vocab,
+            info.n_ctx,
+            sub.grammar,
+            lambda text: served.engine.tokenize(text, add_special=False),
         )
         stop_text, stop_ids = self._stops(served, request.stop_list, sub.template_stops)
         handle = served.engine.submit(
@@ -230,6 +260,7 @@ class JobFactory:
                 stop_token_ids=stop_ids,
                 n=request.n,
                 render_special=sub.render_special,
+                bans=sub.bans,
             )
         )
         record = GenerationRecord(

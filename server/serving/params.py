@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from urllib.parse import quote
 
+from server.engine.bans import Ban, BanList, check, compile_bans
 from server.engine.sampling import DEFAULT_ORDER, STAGES
 from server.engine.types import SamplingParams
 from server.errors import BadRequestError
-from server.protocol.common import SamplingFields
+from server.protocol.common import TOKEN_ID, BannedString, SamplingFields
 from server.registry.schema import SamplerDefaults
+
+Tokenize = Callable[[str], list[int]]
 
 # Parameters accepted on the wire that have no effect here; reported back to the caller.
 IGNORED_KNOWN = ("provider", "user", "route")
@@ -57,12 +61,63 @@ def _window(request: SamplingFields, name: str, default: int, n_ctx: int) -> int
     return min(value, n_ctx)
 
 
+def logit_bias(
+    given: dict[str, float], n_vocab: int, tokenize: Tokenize
+) -> tuple[dict[int, float], list[str]]:
+    """Token ids -> bias, and the keys dropped (ids outside this vocabulary).
+
+    A key that is text (not a token id) biases every token of the text as written and
+    with a leading space (or without, if it has one): " Elara" and "Elara" are different
+    tokens. An id key wins over the same token reached through text.
+    """
+    by_text: dict[int, float] = {}
+    by_id: dict[int, float] = {}
+    dropped: list[str] = []
+    for key, value in given.items():
+        bias = float("-inf") if value <= -100 else value
+        if TOKEN_ID.fullmatch(key):
+            token = int(key)
+            if 0 <= token < n_vocab:
+                by_id[token] = bias
+            else:
+                dropped.append(f"logit_bias[{token}]")
+            continue
+        variants = {key, key[1:] if key.startswith(" ") else " " + key} - {""}
+        for variant in variants:
+            for token in tokenize(variant):
+                by_text[token] = bias
+    return by_text | by_id, dropped
+
+
+def banned_strings(
+    request: Sequence[str | BannedString] | None, model: Sequence[Ban] = ()
+) -> BanList | None:
+    """The request's banned phrases plus its model's, compiled; a 400 if unusable."""
+    bans = list(model)
+    for entry in request or ():
+        if isinstance(entry, str):
+            if entry:
+                bans.append(Ban(entry))
+        elif entry.regex is not None:
+            bans.append(Ban(entry.regex, regex=True, case_sensitive=entry.case_sensitive))
+        elif entry.text is not None:
+            bans.append(Ban(entry.text, case_sensitive=entry.case_sensitive))
+    if not bans:
+        return None
+    unique = tuple(dict.fromkeys(bans))
+    reason = check(unique)
+    if reason is not None:
+        raise BadRequestError(f"banned_strings: {reason}", param="banned_strings")
+    return compile_bans(unique)
+
+
 def to_sampling_params(
     request: SamplingFields,
     defaults: SamplerDefaults,
     n_vocab: int,
     n_ctx: int,
     grammar: str | None = None,
+    tokenize: Tokenize | None = None,
 ) -> tuple[SamplingParams, list[str]]:
     """The engine's parameters, and what of the request was dropped (for the header).
 
@@ -78,14 +133,7 @@ def to_sampling_params(
             value = getattr(defaults, name, None)
         return fallback if value is None else value
 
-    bias: dict[int, float] = {}
-    dropped: list[str] = []
-    for key, value in (request.logit_bias or {}).items():
-        token = int(key)
-        if not 0 <= token < n_vocab:
-            dropped.append(f"logit_bias[{token}]")
-            continue
-        bias[token] = float("-inf") if value <= -100 else value
+    bias, dropped = logit_bias(request.logit_bias or {}, n_vocab, tokenize or (lambda _text: []))
     order = None
     if request.sampler_order is not None:
         unknown = [s for s in request.sampler_order if s not in STAGES]
@@ -93,7 +141,7 @@ def to_sampling_params(
             raise BadRequestError(
                 f"sampler_order: {', '.join(unknown)} cannot be ordered; the stages are "
                 + ", ".join(DEFAULT_ORDER)
-                + " (top_a, penalties and DRY have fixed places before them)",
+                + " (logit bias, penalties and DRY have fixed places before them)",
                 param="sampler_order",
             )
         order = tuple(request.sampler_order)
@@ -129,6 +177,11 @@ def to_sampling_params(
         dynatemp_exponent=request.dynatemp_exponent
         if request.dynatemp_exponent is not None
         else 1.0,
+        tfs=pick("tfs", 1.0),
+        smoothing_factor=pick("smoothing_factor", 0.0),
+        smoothing_curve=pick("smoothing_curve", 1.0),
+        adaptive_target=pick("adaptive_target", -1.0),
+        adaptive_decay=pick("adaptive_decay", 0.9),
         min_tokens=request.min_tokens or 0,
         ignore_eos=bool(request.ignore_eos),
         top_logprobs=request.wanted_logprobs,

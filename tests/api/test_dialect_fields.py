@@ -83,12 +83,12 @@ def test_sillytavern_default_body_is_served(api: Api) -> None:
     assert req.max_tokens == 40 and p.seed is None
     assert p.repetition_penalty == pytest.approx(1.1) and p.penalty_last_n == 0
     assert p.dry_sequence_breakers == ("\n", ":", '"', "*")
-    assert p.sampler_order == ("top_k", "typical_p", "top_p", "temperature")
+    assert p.sampler_order == ("top_k", "top_a", "tfs", "typical_p", "top_p", "temperature")
     assert "\nUser:" in req.stop
     ignored = r.headers["x-hostler-ignored-params"].split(",")
-    for name in ("tfs", "smoothing_factor", "negative_prompt", "api_server"):
+    for name in ("negative_prompt", "api_server"):
         assert name in ignored
-    for name in ("rep_pen", "sampler_seed", "n_predict", "stopping_strings", "typical"):
+    for name in ("rep_pen", "sampler_seed", "n_predict", "stopping_strings", "typical", "tfs"):
         assert name not in ignored
 
 
@@ -109,7 +109,7 @@ def test_foreign_forms(api: Api, fields: dict[str, Any], check: str) -> None:
     if check == "order":
         assert p.sampler_order == ("top_k", "typical_p", "top_p", "min_p", "temperature")
     elif check == "prio":
-        assert p.sampler_order == ("temperature", "top_k", "min_p")
+        assert p.sampler_order == ("temperature", "top_k", "min_p", "smoothing")
     elif check == "bias":
         assert p.logit_bias == {5: -1.5, 7: float("-inf")}
     elif check == "bans":

@@ -39,10 +39,9 @@ def test_completion(api: Api) -> None:
     assert data["stop_type"] == "eos" and data["tokens_predicted"] > 0
     assert data["tokens_evaluated"] == len(api.engine.requests[-1].prompt_tokens)
     p = api.engine.requests[-1].params
-    assert p.sampler_order == ("top_k", "typical_p", "top_p", "min_p", "temperature")
+    assert p.sampler_order == ("top_k", "tfs", "typical_p", "top_p", "min_p", "temperature")
     assert p.logit_bias == {5: -2.0, 7: float("-inf")}
     assert p.penalty_last_n == 64 and api.engine.requests[-1].max_tokens == 40
-    assert "tfs" not in p.sampler_order
 
 
 def test_completion_stream(api: Api) -> None:

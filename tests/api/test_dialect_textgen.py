@@ -44,8 +44,15 @@ def test_kobold_generate(api: Api) -> None:
     assert result["text"] == REPLY[:12] and result["finish_reason"] == "length"
     req = api.engine.requests[-1]
     assert req.max_tokens == 12 and req.params.penalty_last_n == 256  # clamped to n_ctx
-    assert req.params.sampler_order == ("top_k", "typical_p", "top_p", "temperature")
-    assert "tfs" in r.headers["x-hostler-ignored-params"]
+    assert req.params.sampler_order == (
+        "top_k",
+        "top_a",
+        "tfs",
+        "typical_p",
+        "top_p",
+        "temperature",
+    )
+    assert "tfs" not in r.headers.get("x-hostler-ignored-params", "")
 
 
 def test_kobold_stream(api: Api) -> None:

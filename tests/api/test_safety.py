@@ -25,7 +25,7 @@ def _error(body: dict[str, Any], status: int, r_status: int, param: str | None =
     [
         ({"dry_multiplier": 1, "dry_penalty_last_n": 2_000_000_000}, "dry_penalty_last_n"),
         ({"repetition_penalty_range": 50_000_000}, "repetition_penalty_range"),
-        ({"logit_bias": {"²": 1}}, "logit_bias"),
+        ({"logit_bias": {"x" * 200: 1}}, "logit_bias"),
         ({"logit_bias": {str(i): 1 for i in range(2000)}}, "logit_bias"),
         ({"stop": ["x" * 5000]}, "stop"),
         ({"dry_sequence_breakers": ["a"] * 1000}, "dry_sequence_breakers"),

@@ -135,6 +135,43 @@ def ref_dynatemp(x: Arr, t: float, delta: float, exponent: float) -> Arr:
     return x / (lo + (hi - lo) * normalized**exponent)
 
 
+def ref_tfs(x: Arr, z: float) -> Arr:
+    """Tail-free sampling as its author defined it, written as a plain loop."""
+    p = softmax(x)
+    order = sorted(range(len(x)), key=lambda i: -p[i])
+    ps = [p[i] for i in order]
+    first = [ps[i] - ps[i + 1] for i in range(len(ps) - 1)]
+    second = [abs(first[i] - first[i + 1]) for i in range(len(first) - 1)]
+    total = sum(second)
+    cum, n = 0.0, len(ps)
+    for i, d in enumerate(second):
+        cum += d / total
+        if cum > z:
+            n = i + 1
+            break
+    mask = np.zeros(len(x), dtype=bool)
+    mask[order[:n]] = True
+    return keep(x, mask)
+
+
+def ref_smoothing(x: Arr, factor: float, curve: float) -> Arr:
+    top = x.max()
+    d = x - top
+    k = (3 - curve) / 2
+    s = (curve - 1) / 2
+    return -(k * factor * d**2) + (s * factor * d**3) + top
+
+
+def ref_adaptive_p(x: Arr, target: float) -> Arr:
+    """adaptive-p's first draw (its history starts at the target): logits by distance
+    from the target, quadratic near it and linear far away (llama.cpp #17927)."""
+    p = softmax(x)
+    d = np.abs(p - target) / 0.3
+    out = 5.0 - 10.0 * d * d / (1.0 + d)
+    out[~np.isfinite(x)] = -np.inf
+    return out
+
+
 # -- the harness ----------------------------------------------------------------------
 
 
@@ -197,9 +234,37 @@ CASES: list[tuple[str, dict[str, Any], Callable[[Arr], Arr]]] = [
         lambda x: ref_min_p(ref_temperature(x, 2.0), 0.2),
     ),
     (
-        "top_a runs before the chain",
+        "top_a before temperature by default",
         {"top_a": 0.5, "temperature": 1.5},
         lambda x: ref_temperature(ref_top_a(x, 0.5), 1.5),
+    ),
+    (
+        "top_a after temperature when ordered so",
+        {"top_a": 0.5, "temperature": 3.0, "sampler_order": ("temperature", "top_a")},
+        lambda x: ref_top_a(ref_temperature(x, 3.0), 0.5),
+    ),
+    ("tfs 0.95", {"tfs": 0.95}, lambda x: ref_tfs(x, 0.95)),
+    ("tfs 0.5", {"tfs": 0.5}, lambda x: ref_tfs(x, 0.5)),
+    (
+        "smoothing factor 0.3",
+        {"smoothing_factor": 0.3},
+        lambda x: ref_smoothing(x, 0.3, 1.0),
+    ),
+    (
+        "smoothing factor 0.5, curve 2",
+        {"smoothing_factor": 0.5, "smoothing_curve": 2.0},
+        lambda x: ref_smoothing(x, 0.5, 2.0),
+    ),
+    (
+        "smoothing, then min_p, then temperature",
+        {"smoothing_factor": 0.25, "min_p": 0.05, "temperature": 0.7},
+        lambda x: ref_temperature(ref_min_p(ref_smoothing(x, 0.25, 1.0), 0.05), 0.7),
+    ),
+    ("adaptive-p 0.3", {"adaptive_target": 0.3}, lambda x: ref_adaptive_p(x, 0.3)),
+    (
+        "min_p, then adaptive-p 0.5",
+        {"adaptive_target": 0.5, "min_p": 0.05},
+        lambda x: ref_adaptive_p(ref_min_p(x, 0.05), 0.5),
     ),
 ]
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from server.engine.sampling import apply_top_a
+from server.engine.stages import top_a as apply_top_a
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
