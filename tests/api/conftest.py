@@ -25,6 +25,12 @@ models:
     defaults: {temperature: 0.7}
   other:
     source: {type: path, path: other.gguf}
+    defaults: {temperature: 0.5, top_p: 0.9}
+    presets:
+      creative: {temperature: 1.2, min_p: 0.1}
+    force: {top_k: 40}
+    strip: [repetition_penalty]
+    banned_strings: ["shivers down", {regex: '\\bsmirk\\w*'}]
   broken:
     source: {type: path, path: broken.gguf}
   absent:

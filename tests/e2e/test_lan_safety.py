@@ -37,7 +37,7 @@ BAD = [
     ({"response_format": _schema({"type": "string", "maxLength": 3000})}, "response_format"),
     ({"dry_multiplier": 1, "dry_penalty_last_n": 2_000_000_000}, "dry_penalty_last_n"),
     ({"repetition_penalty_range": 50_000_000}, "repetition_penalty_range"),
-    ({"logit_bias": {"²": 1}}, "logit_bias"),
+    ({"logit_bias": {"x" * 200: 1}}, "logit_bias"),
 ]
 
 
