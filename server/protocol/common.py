@@ -213,6 +213,15 @@ class SamplingFields(BaseModel):
                 raise ValueError(f"bias for {key[:20]!r} must be between -100 and 100")
         return v
 
+    @field_validator("banned_strings", mode="before")
+    @classmethod
+    def _banned_objects(cls, v: Any) -> Any:
+        # An object entry is checked as one, so its error says what is wrong with it
+        # (rather than "should be a valid string", the union's first branch).
+        if isinstance(v, list):
+            return [BannedString.model_validate(b) if isinstance(b, dict) else b for b in v]
+        return v
+
     @field_validator("banned_strings")
     @classmethod
     def _banned(cls, v: list[str | BannedString] | None) -> list[str | BannedString] | None:
