@@ -25,7 +25,9 @@ SUPPORTED_PARAMETERS = [
     "dry_sequence_breakers", "xtc_threshold", "xtc_probability", "mirostat_mode",
     "mirostat_tau", "mirostat_eta", "dynatemp_range", "dynatemp_exponent", "top_n_sigma",
     "sampler_order", "stream", "stream_options", "response_format", "structured_outputs",
-    "tools", "tool_choice", "transforms", "repetition_penalty_range",
+    "tools", "tool_choice", "transforms", "repetition_penalty_range", "tfs",
+    "smoothing_factor", "smoothing_curve", "adaptive_target", "adaptive_decay",
+    "banned_strings", "preset",
 ]  # fmt: skip
 
 

@@ -169,3 +169,27 @@ def test_template_names_are_the_presets(tmp_path: Path) -> None:
     f.write_text("models:\n  m:\n    source: {type: path, path: m.gguf}\n    template: chatm\n")
     with pytest.raises(ConfigError, match="template"):
         load_models_file(f)
+
+
+def test_preset_fields_are_request_fields() -> None:
+    """`defaults`, `presets` and `force` name request fields, so they apply as sent."""
+    from server.protocol.common import SamplingFields
+    from server.registry.schema import SamplerDefaults
+
+    assert set(SamplerDefaults.model_fields) <= set(SamplingFields.model_fields)
+
+
+def test_a_typo_in_a_preset_or_strip_is_caught(tmp_path: Path) -> None:
+    from server.errors import ConfigError
+    from server.registry.schema import load_models_file
+
+    for block, key in (
+        ("presets: {wild: {temprature: 1}}", "presets.wild.temprature"),
+        ("strip: [temprature]", "strip"),
+        ("force: {top_k: -1}", "force.top_k"),
+        ("banned_strings: [{regex: '('}]", "banned_strings"),
+    ):
+        f = tmp_path / "models.yaml"
+        f.write_text(f"models:\n  m:\n    source: {{path: m.gguf}}\n    {block}\n")
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_models_file(f)
