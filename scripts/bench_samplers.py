@@ -28,9 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from server.engine.bans import Ban, compile_bans  # noqa: E402
 from server.engine.llama import ContextOptions  # noqa: E402
 from server.engine.scheduler import LlamaEngine  # noqa: E402
-from server.engine.bans import Ban, compile_bans  # noqa: E402
 from server.engine.types import GenerationRequest, SamplingParams  # noqa: E402
 
 PROMPT = (
@@ -65,13 +65,92 @@ CONFIGS: dict[str, SamplingParams] = {
 }
 
 
-COMMON = (
-    "the a of and to in was he she it his her that with as for on at by from had but they"
-    " be an all were one we when there their this so up out what which into then would"
-    " could like about no more some time over down them only little very its been you"
-    " your him my me i not is are or if can will just back through after before storm sea"
-    " light keeper night old man wind waves lighthouse"
-).split()
+COMMON = [
+    "the",
+    "a",
+    "of",
+    "and",
+    "to",
+    "in",
+    "was",
+    "he",
+    "she",
+    "it",
+    "his",
+    "her",
+    "that",
+    "with",
+    "as",
+    "for",
+    "on",
+    "at",
+    "by",
+    "from",
+    "had",
+    "but",
+    "they",
+    "be",
+    "an",
+    "all",
+    "were",
+    "one",
+    "we",
+    "when",
+    "there",
+    "their",
+    "this",
+    "so",
+    "up",
+    "out",
+    "what",
+    "which",
+    "into",
+    "then",
+    "would",
+    "could",
+    "like",
+    "about",
+    "no",
+    "more",
+    "some",
+    "time",
+    "over",
+    "down",
+    "them",
+    "only",
+    "little",
+    "very",
+    "its",
+    "been",
+    "you",
+    "your",
+    "him",
+    "my",
+    "me",
+    "i",
+    "not",
+    "is",
+    "are",
+    "or",
+    "if",
+    "can",
+    "will",
+    "just",
+    "back",
+    "through",
+    "after",
+    "before",
+    "storm",
+    "sea",
+    "light",
+    "keeper",
+    "night",
+    "old",
+    "man",
+    "wind",
+    "waves",
+    "lighthouse",
+]
 
 
 def ban_list(n: int) -> list[Ban]:

@@ -15,9 +15,7 @@ def test_defaults_fill_what_the_request_leaves_unset(api: Api, stream: bool) -> 
     assert "x-hostler-ignored-params" not in r.headers
 
 
-def test_a_named_preset_comes_before_defaults_and_after_the_request(
-    api: Api, stream: bool
-) -> None:
+def test_a_named_preset_comes_before_defaults_and_after_the_request(api: Api, stream: bool) -> None:
     r, _ = api.chat({"model": "other", "preset": "creative", "min_p": 0.2}, stream)
     assert r.status_code == 200
     p = api.engines["other"].requests[-1].params

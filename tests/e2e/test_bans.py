@@ -89,9 +89,7 @@ def test_a_banned_regex(server_url: str, baseline: str) -> None:
     assert not re.search(pattern, "".join(deltas), re.IGNORECASE)
 
 
-def test_eight_concurrent_streams_each_ban_their_own_phrase(
-    server_url: str, baseline: str
-) -> None:
+def test_eight_concurrent_streams_each_ban_their_own_phrase(server_url: str, baseline: str) -> None:
     phrases = [_phrase(baseline, 2 + 2 * i, 2) for i in range(8)]
 
     def run(phrase: str) -> str:

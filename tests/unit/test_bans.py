@@ -82,9 +82,7 @@ def test_many_phrases_match_like_a_loop_over_them() -> None:
     text = "".join(rng.choice("abc ") for _ in range(400))
     pieces = [text[i : i + 3] for i in range(0, len(text), 3)]
     _, hit = feed(tracker, pieces)
-    first_end = min(
-        (text.find(p) + len(p) for p in phrases if p in text), default=None
-    )
+    first_end = min((text.find(p) + len(p) for p in phrases if p in text), default=None)
     assert (hit is None) == (first_end is None)
     if hit is not None and first_end is not None:
         assert hit.phrase in text[:first_end]
