@@ -113,6 +113,9 @@ def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     server.run(sockets=[listener])
+    if app.state.startup_error:
+        print(f"hostler: {app.state.startup_error}", file=sys.stderr)
+        return 1
     return 0 if server.started else 1
 
 

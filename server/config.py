@@ -6,10 +6,11 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from server import durations
 from server.errors import ConfigError
 from server.registry.schema import ModelsFile, load_models_file
 
@@ -59,6 +60,17 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0, description="CPU threads for llama.cpp (0: one per core).")
     batch_size: int = Field(512, ge=32, description="Tokens per llama_decode step (n_batch).")
     max_models: int = Field(1, ge=1, description="Models kept loaded at once.")
+    memory_budget_gib: float | None = Field(
+        None,
+        gt=0,
+        description="Memory the loaded models may take together (weights + KV cache,"
+        " estimated from the file and the context); idle ones are unloaded to stay under it.",
+    )
+    keep_alive: str | None = Field(
+        None,
+        description="How long a model stays loaded once idle (300, '5m', '1h'; negative or"
+        " unset: until another needs the room); models.yaml and requests may say otherwise.",
+    )
     flash_attn: bool | None = Field(
         None, description="Flash attention on or off; unset lets llama.cpp decide (auto)."
     )
@@ -100,6 +112,20 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level: debug, info, warning, error."
     )
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _duration(cls, v: str | None) -> str | None:
+        if v is not None:
+            durations.seconds(v)
+        return v
+
+    @property
+    def keep_alive_seconds(self) -> float | None:
+        if self.keep_alive is None:
+            return None
+        s = durations.seconds(self.keep_alive)
+        return None if s < 0 else s
 
     @property
     def hosts(self) -> list[str] | None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -28,7 +31,7 @@ from server.serving.chat import ChatService
 from server.serving.completions import CompletionService
 from server.serving.generations import GenerationLog
 from server.serving.job import JobFactory
-from server.serving.models import ModelService, make_check, make_loader
+from server.serving.models import ModelService, make_check, make_estimate, make_loader
 
 log = logging.getLogger("hostler")
 
@@ -38,17 +41,29 @@ def create_app(
     models_file: ModelsFile,
     loader: Callable[[str], Engine] | None = None,
     check: Callable[[str], None] | None = None,
+    estimate: Callable[[str], int] | None = None,
 ) -> FastAPI:
-    """Build the app. `loader` turns a model id into an engine and `check` vets one
-    before anything is evicted for it (tests pass fakes)."""
+    """Build the app. `loader` turns a model id into an engine, `check` vets one before
+    anything is evicted for it and `estimate` says what memory it takes (tests pass fakes)."""
     registry = Registry(models_file)
+
+    def keep_alive(model_id: str) -> float | None:
+        spec = registry.get(model_id)
+        if spec.keep_alive is not None:
+            return spec.keep_alive_seconds
+        return settings.keep_alive_seconds
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        budget = settings.memory_budget_gib
         pool = ModelPool(
             loader or make_loader(registry, settings),
             settings.max_models,
             check=check if loader else make_check(registry),
+            estimate=estimate or (None if loader else make_estimate(registry)),
+            budget_bytes=None if budget is None else int(budget * 2**30),
+            pinned=lambda model_id: registry.get(model_id).pinned,
+            keep_alive=keep_alive,
         )
         model_service = ModelService(registry, pool, settings.model)
         generations = GenerationLog()
@@ -61,14 +76,20 @@ def create_app(
         app.state.completions = CompletionService(jobs)
         app.state.chat = ChatService(jobs, app.state.completions)
         reaper = asyncio.ensure_future(_reap(pool))
+        startup = None
+        if settings.model:
+            # Load in the background: meanwhile requests get 503 + Retry-After (as from
+            # llama-server) instead of hanging on a port that accepts but never answers.
+            model_service.starting = registry.get(settings.model).id
+            startup = asyncio.ensure_future(_load_at_start(app, model_service))
         try:
-            if settings.model:
-                spec = registry.get(settings.model)
-                await pool.get(spec.id)
-                log.info("model %s loaded", spec.id)
             yield
         finally:
             reaper.cancel()
+            if startup is not None:
+                startup.cancel()
+                with contextlib.suppress(BaseException):
+                    await startup
             pool.close()
 
     # The docs need the key too when one is set: served below, behind it.
@@ -83,6 +104,7 @@ def create_app(
     app.state.settings = settings
     app.state.keys = KeyRing(settings)
     app.state.draining = False
+    app.state.startup_error = None
     errors.install(app)
     if settings.cors_origins:
         app.add_middleware(
@@ -117,6 +139,20 @@ def create_app(
     app.include_router(ollama.router, dependencies=keyed)
     app.include_router(_service_routes(app))
     return app
+
+
+async def _load_at_start(app: FastAPI, models: ModelService) -> None:
+    """Load the start-up model; if it cannot load, say why and stop the server."""
+    model_id = models.starting
+    assert model_id is not None
+    try:
+        await models.pool.get(model_id)
+    except Exception as exc:
+        app.state.startup_error = f"model '{model_id}' could not be loaded: {exc}"
+        log.error("%s", app.state.startup_error)
+        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn shuts down; `hostler serve` exits 1
+    finally:
+        models.starting = None
 
 
 async def _reap(pool: ModelPool, every: float = 1.0) -> None:

@@ -47,6 +47,14 @@ def gpu_offload_supported() -> bool:
     return bool(lc.llama_supports_gpu_offload())
 
 
+# KV cache element types: name -> (ggml type, bytes per element).
+KV_TYPES: dict[str, tuple[int, float]] = {
+    "f16": (lc.GGML_TYPE_F16, 2.0),
+    "q8_0": (lc.GGML_TYPE_Q8_0, 34 / 32),
+    "q4_0": (lc.GGML_TYPE_Q4_0, 18 / 32),
+}
+
+
 @dataclass(frozen=True)
 class ContextOptions:
     """How to load a model and size its context."""
@@ -58,6 +66,50 @@ class ContextOptions:
     n_threads: int = 0
     n_gpu_layers: int = 0
     flash_attn: bool | None = None  # None: llama.cpp's auto
+    kv_type: str = "f16"
+    main_gpu: int = 0
+    tensor_split: tuple[float, ...] = ()
+    """Fractions of the model per GPU (layer split); empty: llama.cpp's default."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A model's size facts, read from its file's metadata without loading weights."""
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    n_ctx_train: int
+    file_bytes: int
+
+    def kv_bytes(self, n_ctx: int, kv_type: str = "f16", layers: int | None = None) -> int:
+        """K and V for `n_ctx` cells over `layers` layers (all by default)."""
+        head_dim = self.n_embd // max(self.n_head, 1)
+        per_cell = 2 * self.n_head_kv * head_dim * KV_TYPES[kv_type][1]
+        return int(per_cell * n_ctx * (self.n_layer if layers is None else layers))
+
+
+def read_shape(path: Path) -> Shape:
+    """n_layer, heads and so on from the GGUF's metadata (loads the vocabulary only)."""
+    _ensure_backend()
+    mparams = lc.llama_model_default_params()
+    mparams.vocab_only = True
+    mparams.n_gpu_layers = 0
+    model = lc.llama_model_load_from_file(str(path).encode(), mparams)
+    if not model:
+        raise ModelLoadError(f"llama.cpp could not read the model file {path.name}")
+    try:
+        return Shape(
+            n_layer=int(lc.llama_model_n_layer(model)),
+            n_embd=int(lc.llama_model_n_embd(model)),
+            n_head=int(lc.llama_model_n_head(model)),
+            n_head_kv=int(lc.llama_model_n_head_kv(model)),
+            n_ctx_train=int(lc.llama_model_n_ctx_train(model)),
+            file_bytes=path.stat().st_size,
+        )
+    finally:
+        lc.llama_model_free(model)
 
 
 class LlamaModel:
@@ -68,6 +120,14 @@ class LlamaModel:
         self.options = options
         mparams = lc.llama_model_default_params()
         mparams.n_gpu_layers = options.n_gpu_layers
+        mparams.main_gpu = options.main_gpu
+        if options.tensor_split:
+            split = (ctypes.c_float * max(len(options.tensor_split), lc.llama_max_devices()))(
+                *options.tensor_split
+            )
+            self._split = split  # llama.cpp reads it while loading
+            mparams.tensor_split = split
+            mparams.split_mode = lc.LLAMA_SPLIT_MODE_LAYER
         model = lc.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
             raise ModelLoadError(f"llama.cpp could not load the model file {path.name}")
@@ -84,6 +144,9 @@ class LlamaModel:
         cparams.no_perf = True
         if options.flash_attn is not None:  # 1 enabled, 0 disabled; default -1 is auto
             cparams.flash_attn_type = 1 if options.flash_attn else 0
+        kv_type = KV_TYPES[options.kv_type][0]
+        cparams.type_k = kv_type
+        cparams.type_v = kv_type
         ctx = lc.llama_init_from_model(model, cparams)
         if not ctx:
             lc.llama_model_free(model)
@@ -121,6 +184,19 @@ class LlamaModel:
         lc.llama_model_desc(self.model, desc, len(desc))
         bos = int(lc.llama_vocab_bos(self.vocab))
         eos = int(lc.llama_vocab_eos(self.vocab))
+        shape = Shape(
+            n_layer=int(lc.llama_model_n_layer(self.model)),
+            n_embd=int(lc.llama_model_n_embd(self.model)),
+            n_head=int(lc.llama_model_n_head(self.model)),
+            n_head_kv=int(lc.llama_model_n_head_kv(self.model)),
+            n_ctx_train=int(lc.llama_model_n_ctx_train(self.model)),
+            file_bytes=0,
+        )
+        offload = self.options.n_gpu_layers != 0 and bool(lc.llama_supports_gpu_offload())
+        wanted = self.options.n_gpu_layers
+        gpu_layers = 0
+        if offload:
+            gpu_layers = shape.n_layer + 1 if wanted < 0 else min(wanted, shape.n_layer + 1)
         return ModelInfo(
             n_ctx=self.n_ctx,
             n_ctx_train=int(lc.llama_model_n_ctx_train(self.model)),
@@ -132,10 +208,14 @@ class LlamaModel:
             description=desc.value.decode("utf-8", errors="replace"),
             size_bytes=int(lc.llama_model_size(self.model)),
             n_params=int(lc.llama_model_n_params(self.model)),
-            gpu_offload=self.options.n_gpu_layers != 0 and bool(lc.llama_supports_gpu_offload()),
+            gpu_offload=offload,
             slots=self.options.slots,
             bos_id=bos,
             max_token_bytes=self.max_token_bytes,
+            n_layer=shape.n_layer,
+            gpu_layers=gpu_layers,
+            kv_bytes=shape.kv_bytes(self.n_ctx, self.options.kv_type),
+            kv_type=self.options.kv_type,
         )
 
     # -- tokens ---------------------------------------------------------------------

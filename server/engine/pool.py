@@ -1,8 +1,12 @@
-"""Loaded engines by model id: load on first use, keep up to `max_models`, unload idle ones.
+"""Loaded engines by model id: load on first use, evict by count and memory, unload idle ones.
 
 A model that cannot load never costs the ones that can: the cheap checks (is the file
-there, does it verify) run before anything is evicted, and if loading itself fails
-after an eviction, the evicted models are loaded again.
+there, does it verify, does it fit the memory budget at all) run before anything is
+evicted, and if loading itself fails after an eviction, the evicted models are loaded
+again. Pinned models are never evicted or unloaded for being idle.
+
+keep_alive follows Ollama: a duration after the model was last busy, 0 unloads it once
+its replies are done, a negative value (or none) keeps it loaded.
 """
 
 from __future__ import annotations
@@ -11,11 +15,30 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from server.engine.types import Engine
-from server.errors import ServiceUnavailableError
+from server.errors import ModelLoadError, ServiceUnavailableError
 
 log = logging.getLogger("hostler.pool")
+
+GIB = 2**30
+
+
+@dataclass
+class Loaded:
+    """One loaded model and what the pool knows of it."""
+
+    engine: Engine
+    loaded_at: float
+    load_seconds: float
+    bytes: int
+    """Estimated memory it holds (weights + KV cache)."""
+    idle_since: float = field(default_factory=time.monotonic)
+    keep_alive: float | None = None
+    """Seconds it stays loaded once idle; None: until evicted."""
+    unload_requested: bool = False
 
 
 class ModelPool:
@@ -24,90 +47,202 @@ class ModelPool:
         loader: Callable[[str], Engine],
         max_models: int = 1,
         check: Callable[[str], None] | None = None,
+        *,
+        estimate: Callable[[str], int] | None = None,
+        budget_bytes: int | None = None,
+        pinned: Callable[[str], bool] | None = None,
+        keep_alive: Callable[[str], float | None] | None = None,
     ) -> None:
         self._loader = loader
         self._check = check
+        self._estimate = estimate or (lambda _m: 0)
+        self._budget = budget_bytes
+        self._pinned = pinned or (lambda _m: False)
+        self._default_keep = keep_alive or (lambda _m: None)
         self._max = max_models
-        self._engines: dict[str, Engine] = {}
-        self._used: dict[str, float] = {}
+        self._models: dict[str, Loaded] = {}
         self._lock = asyncio.Lock()
+        self.loading: dict[str, float] = {}
+        """Model id -> when its load began, while it loads."""
         self.loads = 0
-        # Model id -> when it may be unloaded once idle (Ollama's keep_alive); absent: kept.
-        self._deadline: dict[str, float] = {}
 
     @property
     def loaded(self) -> dict[str, Engine]:
-        return dict(self._engines)
+        return {k: m.engine for k, m in self._models.items()}
+
+    def is_loaded(self, model_id: str) -> bool:
+        return model_id in self._models
 
     async def get(self, model_id: str) -> Engine:
-        engine = self._engines.get(model_id)
-        if engine is None:
+        entry = self._models.get(model_id)
+        if entry is None:
             async with self._lock:
-                engine = self._engines.get(model_id)
-                if engine is None:
-                    engine = await self._load(model_id)
-        self._used[model_id] = time.monotonic()
-        return engine
+                entry = self._models.get(model_id)
+                if entry is None:
+                    entry = await self._load(model_id)
+        entry.idle_since = time.monotonic()
+        return entry.engine
 
-    async def _load(self, model_id: str) -> Engine:
+    async def _load(self, model_id: str) -> Loaded:
         if self._check is not None:
             await asyncio.to_thread(self._check, model_id)  # raises before any eviction
-        evicted = await self._make_room()
+        need = await asyncio.to_thread(self._estimate, model_id)
+        if self._budget is not None and need > self._budget:
+            raise ModelLoadError(
+                f"model '{model_id}' needs about {need / GIB:.1f} GiB (weights + KV cache);"
+                f" the memory budget is {self._budget / GIB:.1f} GiB"
+            )
+        evicted = await self._make_room(need)
+        self.loading[model_id] = time.monotonic()
+        started = time.monotonic()
         try:
             engine = await asyncio.to_thread(self._loader, model_id)
         except BaseException:
-            for victim in evicted:  # leave the pool as it was
+            log.warning("model %s failed to load", model_id)
+            for victim, entry in evicted:  # leave the pool as it was
                 try:
-                    self._engines[victim] = await asyncio.to_thread(self._loader, victim)
+                    entry.engine = await asyncio.to_thread(self._loader, victim)
+                    self._models[victim] = entry
                     self.loads += 1
                 except Exception:
                     log.exception("could not reload model %s", victim)
             raise
-        self._engines[model_id] = engine
+        finally:
+            self.loading.pop(model_id, None)
+        seconds = time.monotonic() - started
+        entry = Loaded(
+            engine,
+            loaded_at=time.time(),
+            load_seconds=seconds,
+            bytes=need,
+            keep_alive=self._default_keep(model_id),
+        )
+        self._models[model_id] = entry
         self.loads += 1
-        return engine
+        log.info("model %s loaded in %.1f s: %s", model_id, seconds, describe(engine, need))
+        return entry
 
-    async def _make_room(self) -> list[str]:
-        evicted: list[str] = []
-        while len(self._engines) >= self._max:
-            idle = [k for k, e in self._engines.items() if not e.busy]
+    def _used_bytes(self) -> int:
+        return sum(m.bytes for m in self._models.values())
+
+    async def _make_room(self, need: int) -> list[tuple[str, Loaded]]:
+        evicted: list[tuple[str, Loaded]] = []
+
+        def full() -> bool:
+            over_budget = self._budget is not None and self._used_bytes() + need > self._budget
+            return len(self._models) >= self._max or over_budget
+
+        while self._models and full():
+            idle = [k for k, m in self._models.items() if not m.engine.busy and not self._pinned(k)]
             if not idle:
                 raise ServiceUnavailableError(
-                    "all loaded models are busy; cannot load another one now",
+                    "the loaded models are busy or pinned; cannot load another one now",
                     headers={"Retry-After": "5"},
                 )
-            victim = min(idle, key=lambda k: self._used.get(k, 0.0))
-            engine = self._engines.pop(victim)
-            await asyncio.to_thread(engine.close)
-            evicted.append(victim)
+            victim = min(idle, key=lambda k: self._models[k].idle_since)
+            entry = self._models.pop(victim)
+            await asyncio.to_thread(entry.engine.close)
+            log.info("model %s unloaded to make room (%s)", victim, _gib(entry.bytes))
+            evicted.append((victim, entry))
         return evicted
 
-    def keep_alive(self, model_id: str, seconds: float) -> None:
-        """Unload `model_id` once idle and `seconds` from now have passed (Ollama's
-        keep_alive: 0 unloads after the reply); a negative value keeps it loaded."""
-        if seconds < 0:
-            self._deadline.pop(model_id, None)
-        else:
-            self._deadline[model_id] = time.monotonic() + seconds
+    def keep_alive(self, model_id: str, seconds: float | None) -> None:
+        """A request's keep_alive for `model_id` (loaded): None or negative keeps it."""
+        entry = self._models.get(model_id)
+        if entry is not None:
+            entry.keep_alive = None if seconds is None or seconds < 0 else seconds
+            entry.idle_since = time.monotonic()
+
+    async def unload(self, model_id: str) -> bool:
+        """Unload now if idle; if busy, once its replies are done. False: not loaded."""
+        entry = self._models.get(model_id)
+        if entry is None:
+            return False
+        entry.unload_requested = True
+        await self.reap()
+        return True
 
     async def reap(self) -> list[str]:
         """Unload the idle models whose keep_alive has run out; their ids."""
         gone: list[str] = []
         async with self._lock:
             now = time.monotonic()
-            for model_id, deadline in list(self._deadline.items()):
-                engine = self._engines.get(model_id)
-                if engine is None:
-                    del self._deadline[model_id]
-                elif now >= deadline and not engine.busy:
-                    del self._deadline[model_id]
-                    del self._engines[model_id]
-                    await asyncio.to_thread(engine.close)
-                    log.info("model %s unloaded (keep_alive ran out)", model_id)
+            for model_id, entry in list(self._models.items()):
+                if entry.engine.busy:
+                    entry.idle_since = now
+                    continue
+                if not entry.unload_requested and (
+                    self._pinned(model_id) or entry.keep_alive is None
+                ):
+                    continue
+                if entry.unload_requested or now - entry.idle_since >= (entry.keep_alive or 0):
+                    del self._models[model_id]
+                    await asyncio.to_thread(entry.engine.close)
+                    log.info("model %s unloaded (idle %.0f s)", model_id, now - entry.idle_since)
                     gone.append(model_id)
         return gone
 
+    def status(self) -> list[dict[str, Any]]:
+        """What is loaded: for `hostler ps` and GET /v1/models/status."""
+        now = time.monotonic()
+        out: list[dict[str, Any]] = []
+        for model_id, m in self._models.items():
+            health = m.engine.health()
+            busy = bool(m.engine.busy)
+            until = None
+            if m.keep_alive is not None and not self._pinned(model_id):
+                until = max(0.0, m.keep_alive - (now - m.idle_since))
+            out.append(
+                {
+                    "model": model_id,
+                    "memory_bytes": m.bytes,
+                    "loaded_at": int(m.loaded_at),
+                    "load_seconds": round(m.load_seconds, 2),
+                    "idle_seconds": 0.0 if busy else round(now - m.idle_since, 1),
+                    "slots": health.get("slots"),
+                    "slots_busy": health.get("slots_busy"),
+                    "pinned": self._pinned(model_id),
+                    "unloads_in_seconds": None if until is None else round(until, 1),
+                }
+            )
+        for model_id, since in self.loading.items():
+            out.append({"model": model_id, "loading_seconds": round(now - since, 1)})
+        return out
+
     def close(self) -> None:
-        for engine in self._engines.values():
-            engine.close()
-        self._engines.clear()
+        for entry in self._models.values():
+            entry.engine.close()
+        self._models.clear()
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.0f} MiB"
+
+
+def describe(engine: Engine, estimate: int) -> str:
+    """One line about a loaded engine: context, slots, GPU layers, KV cache, memory."""
+    info = engine.info
+    parts = [f"context {info.n_ctx}", f"{info.slots} slots"]
+    if info.n_layer:
+        parts.append(f"{info.gpu_layers}/{info.n_layer} layers on GPU")
+    if info.kv_bytes:
+        parts.append(f"KV cache {_gib(info.kv_bytes)} ({info.kv_type})")
+    parts.append(f"weights {_gib(info.size_bytes)}")
+    rss = resident_bytes()
+    if rss:
+        parts.append(f"process RSS {_gib(rss)}")
+    if estimate:
+        parts.append(f"estimate {_gib(estimate)}")
+    return ", ".join(parts)
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (0 where /proc is not available)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    import os
+
+    return pages * os.sysconf("SC_PAGE_SIZE")

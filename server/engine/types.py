@@ -121,6 +121,11 @@ class ModelInfo:
     max_token_bytes: int = 64
     """The longest token's text in bytes: a text of more than n_ctx times this many bytes
     cannot fit the context, which is known without tokenizing it."""
+    n_layer: int = 0
+    gpu_layers: int = 0
+    """Layers offloaded to the GPU (the output layer counts as one, as in llama.cpp)."""
+    kv_bytes: int = 0
+    kv_type: str = "f16"
 
 
 class GenerationHandle(Protocol):

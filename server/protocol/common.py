@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from server import durations
 from server.protocol.aliases import from_foreign
 
 # Bounds on what one request may ask for, checked before anything is allocated. Windows
@@ -166,6 +167,11 @@ class SamplingFields(BaseModel):
         " or {text|regex, case_sensitive}. Generation rewinds when one starts to form.",
     )
     preset: str | None = Field(None, max_length=64, description="A preset of the model's.")
+    keep_alive: str | float | None = Field(
+        None,
+        description="Ollama's keep_alive for the model after this reply: seconds or '5m',"
+        " 0 unloads it once idle, negative keeps it loaded.",
+    )
     transforms: list[str] | None = Field(None, max_length=16)
     provider: dict[str, Any] | None = None
     user: str | None = None
@@ -190,6 +196,15 @@ class SamplingFields(BaseModel):
             raise ValueError(f"at most {MAX_STOPS} stop sequences")
         if any(len(s) > MAX_STOP_CHARS for s in stops):
             raise ValueError(f"a stop sequence may be at most {MAX_STOP_CHARS} characters")
+        return v
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _duration(cls, v: str | float | None) -> str | float | None:
+        if v is not None and not isinstance(v, str | int | float):
+            raise ValueError("must be a duration")
+        if v is not None:
+            durations.seconds(v)  # its ValueError says what is wrong
         return v
 
     @field_validator("dry_sequence_breakers")

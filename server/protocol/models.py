@@ -34,6 +34,7 @@ class ModelCard(BaseModel):
     name: str
     description: str = ""
     context_length: int
+    aliases: list[str] = Field(default_factory=list, description="Other names that select it.")
     architecture: Architecture = Field(default_factory=Architecture)
     pricing: Pricing = Field(default_factory=Pricing)
     top_provider: TopProvider

@@ -7,8 +7,16 @@ from typing import Annotated, Any, Literal
 
 import regex
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from server import durations
 from server.errors import ConfigError
 
 
@@ -130,8 +138,36 @@ class ModelSpec(_Strict):
         | None
     ) = Field(None, description="Instruct template preset, or 'gguf'/null for the GGUF's own.")
     context: int = Field(4096, ge=256, description="Context size in tokens (KV cache).")
-    gpu_layers: int | Literal["all"] = Field(
-        0, description="Layers to offload to the GPU: a number, or 'all'."
+    gpu_layers: int | Literal["all", "auto"] = Field(
+        0,
+        description="Layers to offload to the GPU: a number, 'all', or 'auto' (as many as"
+        " fit the GPUs' free memory with the KV cache, leaving 1 GiB).",
+    )
+    kv_cache_type: Literal["f16", "q8_0", "q4_0"] = Field(
+        "f16",
+        description="KV cache element type: q8_0 halves its memory, q4_0 quarters it"
+        " (both need flash attention, which they turn on).",
+    )
+    flash_attn: bool | None = Field(
+        None, description="Flash attention for this model (unset: the server's setting)."
+    )
+    main_gpu: int = Field(0, ge=0, description="The GPU that holds the model (no split).")
+    tensor_split: tuple[float, ...] = Field(
+        (),
+        description="Share of the layers per GPU, e.g. [3, 1] (split by layer); empty:"
+        " llama.cpp's default (by free memory).",
+    )
+    batch_size: int | None = Field(
+        None, ge=32, description="Tokens per llama_decode step (unset: the server's)."
+    )
+    ubatch_size: int | None = Field(
+        None, ge=32, description="Physical batch (n_ubatch; unset: batch_size)."
+    )
+    pinned: bool = Field(False, description="Never unloaded for being idle or to make room.")
+    keep_alive: str | float | None = Field(
+        None,
+        description="How long it stays loaded once idle (Ollama's form: 300, '5m', '1h';"
+        " negative: forever); unset: the server's --keep-alive.",
     )
     aliases: tuple[str, ...] = Field((), description="Other names that select this model.")
     cache_reuse: int = Field(
@@ -186,9 +222,34 @@ class ModelSpec(_Strict):
                     raise ValueError(f"{entry.regex!r} is not a regular expression: {exc}") from exc
         return v
 
+    @field_validator("keep_alive")
+    @classmethod
+    def _duration(cls, v: str | float | None) -> str | float | None:
+        if v is not None:
+            durations.seconds(v)  # ValueError names the problem
+        return v
+
+    @model_validator(mode="after")
+    def _flash_for_quantized_kv(self) -> ModelSpec:
+        if self.kv_cache_type != "f16" and self.flash_attn is False:
+            raise ValueError(f"kv_cache_type {self.kv_cache_type} needs flash_attn")
+        return self
+
     @property
     def n_gpu_layers(self) -> int:
-        return -1 if self.gpu_layers == "all" else self.gpu_layers
+        """-1 for all; 'auto' is resolved when the model loads (see engine/gpu.py)."""
+        if self.gpu_layers == "all":
+            return -1
+        if self.gpu_layers == "auto":
+            return -2
+        return self.gpu_layers
+
+    @property
+    def keep_alive_seconds(self) -> float | None:
+        if self.keep_alive is None:
+            return None
+        s = durations.seconds(self.keep_alive)
+        return None if s < 0 else s
 
 
 class ModelsFile(BaseModel):

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from server import __version__
+from server import __version__, durations
 from server.engine.bans import BanList
 from server.engine.types import (
     Engine,
@@ -198,6 +198,10 @@ class JobFactory:
         for name in names or [None]:
             try:
                 served = await self.models.get(name)
+                if request.keep_alive is not None:
+                    self.models.pool.keep_alive(
+                        served.spec.id, durations.seconds(request.keep_alive)
+                    )
                 return served, name or served.spec.id
             except (NotFoundError, ModelLoadError) as exc:
                 last = exc  # try the next model of a fallback list

@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from server.config import Settings
 from server.engine.pool import ModelPool
 from server.engine.types import Engine
-from server.errors import HostlerError, ModelLoadError, ModelNotFoundError
+from server.errors import (
+    HostlerError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ServiceUnavailableError,
+)
 from server.protocol.models import Architecture, ModelCard, TopProvider
 from server.registry import ModelSpec, Registry, local_file, verify
 from server.templates import ChatTemplate, load_template
 from server.templates.render import TemplateError
+
+if TYPE_CHECKING:
+    from server.engine.llama import ContextOptions
+
+log = logging.getLogger("hostler.models")
 
 SUPPORTED_PARAMETERS = [
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "top_a", "typical_p",
@@ -27,7 +39,7 @@ SUPPORTED_PARAMETERS = [
     "sampler_order", "stream", "stream_options", "response_format", "structured_outputs",
     "tools", "tool_choice", "transforms", "repetition_penalty_range", "tfs",
     "smoothing_factor", "smoothing_curve", "adaptive_target", "adaptive_decay",
-    "banned_strings", "preset",
+    "banned_strings", "preset", "keep_alive",
 ]  # fmt: skip
 
 
@@ -66,29 +78,57 @@ def _model_file(registry: Registry, model_id: str) -> Path:
     return Path(path)
 
 
+def context_options(spec: ModelSpec, settings: Settings, path: Path) -> ContextOptions:
+    """How to load `spec`: the model's GPU and batch settings over the server's."""
+    from server.engine.gpu import fit_layers, gpus
+    from server.engine.llama import ContextOptions, gpu_offload_supported, read_shape
+
+    gpu = gpu_offload_supported()
+    flash = spec.flash_attn if spec.flash_attn is not None else settings.flash_attn
+    if spec.kv_cache_type != "f16":
+        flash = True  # llama.cpp needs it for a quantized V cache
+    layers = spec.n_gpu_layers if gpu else 0
+    if layers == -2:  # auto
+        devices = gpus()
+        if spec.tensor_split:
+            free = sum(d.free for d in devices)
+        else:
+            free = devices[spec.main_gpu].free if spec.main_gpu < len(devices) else 0
+        layers = fit_layers(read_shape(path), spec.context, spec.kv_cache_type, free)
+        log.info("model %s: gpu_layers auto -> %s (%d MiB free)", spec.id, layers, free >> 20)
+    batch = spec.batch_size or settings.batch_size
+    return ContextOptions(
+        n_ctx=spec.context,
+        slots=settings.slots or default_slots(spec, gpu),
+        n_batch=batch,
+        n_ubatch=min(spec.ubatch_size or batch, batch),
+        n_threads=settings.threads or (os.cpu_count() or 1),
+        n_gpu_layers=layers,
+        flash_attn=flash,
+        kv_type=spec.kv_cache_type,
+        main_gpu=spec.main_gpu,
+        tensor_split=spec.tensor_split,
+    )
+
+
 def make_loader(registry: Registry, settings: Settings) -> Callable[[str], Engine]:
     """The production loader: find the file, verify it, start a LlamaEngine on it."""
 
     def load(model_id: str) -> Engine:
         from server.engine.cache import open_cache
-        from server.engine.llama import ContextOptions, gpu_offload_supported
         from server.engine.scheduler import LlamaEngine
 
         spec = registry.get(model_id)
         path = _model_file(registry, model_id)
-        gpu = gpu_offload_supported()
-        options = ContextOptions(
-            n_ctx=spec.context,
-            slots=settings.slots or default_slots(spec, gpu),
-            n_batch=settings.batch_size,
-            n_ubatch=settings.batch_size,
-            n_threads=settings.threads or (os.cpu_count() or 1),
-            n_gpu_layers=spec.n_gpu_layers if gpu else 0,
-            flash_attn=settings.flash_attn,
-        )
+        options = context_options(spec, settings, path)
         cache = open_cache(
             path,
-            {"n_ctx": options.n_ctx, "flash_attn": options.flash_attn, "gpu": gpu},
+            {
+                "n_ctx": options.n_ctx,
+                "flash_attn": options.flash_attn,
+                "gpu": options.n_gpu_layers != 0,
+                "kv": options.kv_type,
+            },
             ram_mib=settings.cache_ram_mib,
             disk_gib=settings.cache_disk_gib,
             folder=settings.cache_dir,
@@ -106,6 +146,20 @@ def make_loader(registry: Registry, settings: Settings) -> Callable[[str], Engin
     return load
 
 
+def make_estimate(registry: Registry) -> Callable[[str], int]:
+    """Bytes a model will hold once loaded: its file plus its KV cache at full context."""
+
+    def estimate(model_id: str) -> int:
+        from server.engine.llama import read_shape
+
+        spec = registry.get(model_id)
+        path = _model_file(registry, model_id)
+        shape = read_shape(path)
+        return shape.file_bytes + shape.kv_bytes(spec.context, spec.kv_cache_type)
+
+    return estimate
+
+
 class ModelService:
     def __init__(self, registry: Registry, pool: ModelPool, default_model: str | None) -> None:
         self.registry = registry
@@ -113,12 +167,33 @@ class ModelService:
         self.default_model = default_model
         self.created = int(time.time())
         self._templates: dict[tuple[str, str | None], ChatTemplate] = {}
+        self.starting: str | None = None
+        """The model loaded at start-up, while it loads: requests get 503 until then."""
 
-    async def get(self, name: str | None) -> ServedModel:
+    def resolve(self, name: str | None) -> ModelSpec:
         name = name or self.default_model
         if not name:
             raise ModelNotFoundError("no model given and no default model set", param="model")
-        spec = self.registry.get(name)
+        return self.registry.get(name)
+
+    def needs_load(self, name: str | None) -> bool:
+        """True when a request for `name` would wait for its model to load (a
+        registered, downloaded model that is not loaded)."""
+        try:
+            spec = self.resolve(name)
+        except HostlerError:
+            return False
+        return not self.pool.is_loaded(spec.id) and local_file(spec) is not None
+
+    async def get(self, name: str | None) -> ServedModel:
+        spec = self.resolve(name)
+        if self.starting is not None:
+            started = self.pool.loading.get(self.starting)
+            waited = f" ({time.monotonic() - started:.0f} s so far)" if started else ""
+            raise ServiceUnavailableError(
+                f"model '{self.starting}' is loading{waited}; try again shortly",
+                headers={"Retry-After": "5"},
+            )
         try:
             engine = await self.pool.get(spec.id)
         except HostlerError:
@@ -140,29 +215,48 @@ class ModelService:
             self._templates[key] = cached
         return cached
 
-    def cards(self) -> list[ModelCard]:
+    async def unload(self, name: str) -> bool:
+        """Unload a model (once its replies are done); False if it was not loaded."""
+        return await self.pool.unload(self.resolve(name).id)
+
+    def status(self) -> list[dict[str, object]]:
+        """What is loaded (and loading), for `hostler ps` and GET /v1/models/status."""
+        return self.pool.status()
+
+    def cards(self, everything: bool = False) -> list[ModelCard]:
+        """One card per model (aliases as a field); only those that can load, unless
+        `everything` (then `hostler.downloaded` says which)."""
         cards = []
         loaded = self.pool.loaded
         for spec in self.registry:
             engine = loaded.get(spec.id)
-            ctx = engine.info.n_ctx if engine else spec.context
-            present = engine is not None or local_file(spec) is not None
-            for model_id in (spec.id, *spec.aliases):
-                cards.append(
-                    ModelCard(
-                        id=model_id,
-                        created=self.created,
-                        name=spec.name or spec.id,
-                        description=spec.description or "",
-                        context_length=ctx,
-                        architecture=Architecture(instruct_type=spec.template or "gguf"),
-                        top_provider=TopProvider(context_length=ctx),
-                        supported_parameters=SUPPORTED_PARAMETERS,
-                        hostler={
-                            "model": spec.id,
-                            "loaded": engine is not None,
-                            "present": present,
-                        },
-                    )
-                )
+            downloaded = engine is not None or local_file(spec) is not None
+            if downloaded or everything:
+                cards.append(self._card(spec, engine, downloaded))
         return cards
+
+    def card(self, name: str) -> ModelCard:
+        spec = self.resolve(name)
+        engine = self.pool.loaded.get(spec.id)
+        return self._card(spec, engine, engine is not None or local_file(spec) is not None)
+
+    def _card(self, spec: ModelSpec, engine: Engine | None, downloaded: bool) -> ModelCard:
+        ctx = engine.info.n_ctx if engine else spec.context
+        return ModelCard(
+            id=spec.id,
+            created=self.created,
+            name=spec.name or spec.id,
+            description=spec.description or "",
+            context_length=ctx,
+            aliases=list(spec.aliases),
+            architecture=Architecture(instruct_type=spec.template or "gguf"),
+            top_provider=TopProvider(context_length=ctx),
+            supported_parameters=SUPPORTED_PARAMETERS,
+            hostler={
+                "loaded": engine is not None,
+                "loading": spec.id in self.pool.loading,
+                "downloaded": downloaded,
+                "pinned": spec.pinned,
+                "presets": sorted(spec.presets),
+            },
+        )

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,16 @@ def make_api(tmp_path: Path, **overrides: Any) -> Iterator[Api]:
 
     app = create_app(settings, models, loader=loader, check=check)
     with TestClient(app, base_url="http://localhost") as client:
+        wait_until_loaded(client)
         yield Api(client, engines)
+
+
+def wait_until_loaded(client: TestClient, timeout: float = 10.0) -> None:
+    """The start-up model loads in the background (503 meanwhile): wait for it."""
+    deadline = time.monotonic() + timeout
+    while client.app.state.models.starting is not None:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, "the start-up model did not load"
+        time.sleep(0.01)
 
 
 @pytest.fixture

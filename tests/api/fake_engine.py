@@ -105,7 +105,7 @@ class FakeEngine:
         return handle
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok"}
+        return {"status": "ok", "slots": 4, "slots_busy": min(self.active, 4)}
 
     @property
     def busy(self) -> bool:

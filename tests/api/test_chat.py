@@ -200,8 +200,12 @@ def test_openrouter_prefix_and_generation_stats(api: Api) -> None:
 def test_models_list(api: Api) -> None:
     data = api.client.get("/v1/models").json()["data"]
     ids = [m["id"] for m in data]
-    assert {"fake", "org/fake", "other"} <= set(ids)
-    fake = next(m for m in data if m["id"] == "fake")
+    assert ids == ["fake"]  # once, and only what can load (the others' files are absent)
+    fake = data[0]
+    assert fake["aliases"] == ["org/fake"] and fake["hostler"]["downloaded"]
+    every = api.client.get("/v1/models", params={"all": "true"}).json()["data"]
+    assert [m["id"] for m in every] == ["fake", "other", "broken", "absent"]
+    assert not next(m for m in every if m["id"] == "other")["hostler"]["downloaded"]
     assert fake["object"] == "model" and fake["context_length"] == 256
     assert fake["pricing"]["prompt"] == "0" and "min_p" in fake["supported_parameters"]
 

@@ -10,9 +10,7 @@ long after the request (0: right after the reply; negative: kept loaded).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import re
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -21,6 +19,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from server import durations
 from server.api.deps import ChatDep, CompletionsDep, KeyDep, ModelsDep
 from server.api.respond import caller_of, until_disconnected
 from server.errors import BadRequestError
@@ -59,26 +58,12 @@ def _fields(body: OllamaBase) -> dict[str, Any]:
     return fields
 
 
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
-
-
 def keep_alive_seconds(value: str | int | float) -> float:
-    """Ollama's keep_alive: seconds as a number, or a Go duration ("5m", "1h30m", "-1")."""
-    if isinstance(value, int | float):
-        return float(value)
-    text = value.strip()
-    sign = -1.0 if text.startswith("-") else 1.0
-    body = text.lstrip("+-")
-    with contextlib.suppress(ValueError):
-        return sign * float(body)
-    parts = _PART.findall(body)
-    if not parts or "".join(n + u for n, u in parts) != body:
-        raise BadRequestError(
-            f'keep_alive: {value!r} is not a duration (e.g. 300, "5m", "1h", -1)',
-            param="keep_alive",
-        )
-    return sign * sum(float(n) * _UNITS[u] for n, u in parts)
+    """Ollama's keep_alive in seconds; a 400 naming the field if it is not a duration."""
+    try:
+        return durations.seconds(value)
+    except ValueError as exc:
+        raise BadRequestError(f"keep_alive: {exc}", param="keep_alive") from exc
 
 
 async def _keep(models: ModelService, body: OllamaBase) -> None:

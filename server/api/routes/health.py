@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from server import __version__
 from server.api.deps import ModelsDep
+from server.engine.pool import resident_bytes
 
 router = APIRouter()
-
-
-def _rss_bytes() -> int | None:
-    """This process's resident memory, where the OS tells (Linux)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 @router.get("/health")
@@ -27,9 +19,26 @@ async def health(models: ModelsDep) -> JSONResponse:
     engines = {name: e.health() for name, e in models.pool.loaded.items()}
     # 503 while no model can serve: none loaded, or one whose engine stopped.
     ok = bool(engines) and all(h.get("status") == "ok" for h in engines.values())
+    status = "ok" if ok else ("error" if engines else "no model loaded")
+    if models.starting is not None:
+        status = "loading model"  # llama-server's words for it
     body: dict[str, Any] = {
-        "status": "ok" if ok else ("error" if engines else "no model loaded"),
+        "status": status,
         "models": engines,
-        "rss_bytes": _rss_bytes(),
+        "rss_bytes": resident_bytes() or None,
     }
     return JSONResponse(body, status_code=200 if ok else 503)
+
+
+@router.get("/")
+async def root() -> dict[str, Any]:
+    """What this is, for whoever opens the address in a browser (open, like /health:
+    it names no model)."""
+    return {
+        "name": "hostler",
+        "version": __version__,
+        "api": {"openai": "/v1", "openrouter": "/api/v1"},
+        "models": "/v1/models",
+        "health": "/health",
+        "docs": "/docs",
+    }

@@ -1,6 +1,8 @@
-"""GET /v1/models."""
+"""GET /v1/models, one model, what is loaded (/v1/ps), and load/unload on demand."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from fastapi import APIRouter
 
@@ -11,11 +13,32 @@ router = APIRouter()
 
 
 @router.get("/models")
-async def list_models(models: ModelsDep) -> ModelList:
-    return ModelList(data=models.cards())
+async def list_models(models: ModelsDep, all: bool = False) -> ModelList:
+    """Models that can load now; `?all=true` adds those not downloaded."""
+    return ModelList(data=models.cards(everything=all))
+
+
+@router.get("/ps")
+async def loaded_models(models: ModelsDep) -> dict[str, Any]:
+    """Loaded (and loading) models: memory, idle time, slots busy, when they unload."""
+    return {"models": models.status()}
+
+
+@router.post("/models/{model_id:path}/load")
+async def load_model(model_id: str, models: ModelsDep) -> dict[str, Any]:
+    served = await models.get(model_id)
+    entry = next(s for s in models.status() if s["model"] == served.spec.id)
+    return {"model": served.spec.id, "loaded": True, **entry}
+
+
+@router.post("/models/{model_id:path}/unload")
+async def unload_model(model_id: str, models: ModelsDep) -> dict[str, Any]:
+    """Unloads at once if idle, else once its replies are done."""
+    was_loaded = await models.unload(model_id)
+    spec = models.resolve(model_id)
+    return {"model": spec.id, "was_loaded": was_loaded, "loaded": models.pool.is_loaded(spec.id)}
 
 
 @router.get("/models/{model_id:path}")
 async def get_model(model_id: str, models: ModelsDep) -> ModelCard:
-    spec = models.registry.get(model_id)
-    return next(c for c in models.cards() if c.id == model_id or c.id == spec.id)
+    return models.card(model_id)
