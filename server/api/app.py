@@ -26,7 +26,8 @@ from server.api.routes import chat, completions, health, models, openrouter
 from server.config import Settings
 from server.engine.pool import ModelPool
 from server.engine.types import Engine
-from server.registry import ModelsFile, Registry
+from server.errors import DownloadError
+from server.registry import ModelsFile, Registry, download, local_file
 from server.serving.chat import ChatService
 from server.serving.completions import CompletionService
 from server.serving.generations import GenerationLog
@@ -81,7 +82,8 @@ def create_app(
             # Load in the background: meanwhile requests get 503 + Retry-After (as from
             # llama-server) instead of hanging on a port that accepts but never answers.
             model_service.starting = registry.get(settings.model).id
-            startup = asyncio.ensure_future(_load_at_start(app, model_service))
+            fetch = None if loader else _fetcher(registry)
+            startup = asyncio.ensure_future(_load_at_start(app, model_service, fetch))
         try:
             yield
         finally:
@@ -141,14 +143,35 @@ def create_app(
     return app
 
 
-async def _load_at_start(app: FastAPI, models: ModelService) -> None:
-    """Load the start-up model; if it cannot load, say why and stop the server."""
+def _fetcher(registry: Registry) -> Callable[[str], None]:
+    def fetch(model_id: str) -> None:
+        spec = registry.get(model_id)
+        if local_file(spec) is None:
+            download(spec, progress=True)
+            log.info("model %s downloaded", model_id)
+
+    return fetch
+
+
+async def _load_at_start(
+    app: FastAPI, models: ModelService, fetch: Callable[[str], None] | None
+) -> None:
+    """Download (if need be) and load the start-up model; if it cannot, say why and stop
+    the server."""
     model_id = models.starting
     assert model_id is not None
     try:
+        if fetch is not None:
+            models.starting_phase = "downloading"
+            await asyncio.to_thread(fetch, model_id)
+            models.starting_phase = "loading"
         await models.pool.get(model_id)
     except Exception as exc:
-        app.state.startup_error = f"model '{model_id}' could not be loaded: {exc}"
+        app.state.startup_error = (
+            str(exc)
+            if isinstance(exc, DownloadError)
+            else f"model '{model_id}' could not be loaded: {exc}"
+        )
         log.error("%s", app.state.startup_error)
         os.kill(os.getpid(), signal.SIGTERM)  # uvicorn shuts down; `hostler serve` exits 1
     finally:

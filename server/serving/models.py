@@ -169,6 +169,8 @@ class ModelService:
         self._templates: dict[tuple[str, str | None], ChatTemplate] = {}
         self.starting: str | None = None
         """The model loaded at start-up, while it loads: requests get 503 until then."""
+        self.starting_phase = "loading"
+        """Or "downloading", while the start-up model is fetched first."""
 
     def resolve(self, name: str | None) -> ModelSpec:
         name = name or self.default_model
@@ -191,7 +193,7 @@ class ModelService:
             started = self.pool.loading.get(self.starting)
             waited = f" ({time.monotonic() - started:.0f} s so far)" if started else ""
             raise ServiceUnavailableError(
-                f"model '{self.starting}' is loading{waited}; try again shortly",
+                f"model '{self.starting}' is {self.starting_phase}{waited}; try again shortly",
                 headers={"Retry-After": "5"},
             )
         try:

@@ -21,7 +21,7 @@ async def health(models: ModelsDep) -> JSONResponse:
     ok = bool(engines) and all(h.get("status") == "ok" for h in engines.values())
     status = "ok" if ok else ("error" if engines else "no model loaded")
     if models.starting is not None:
-        status = "loading model"  # llama-server's words for it
+        status = f"{models.starting_phase} model"  # "loading model": llama-server's words
     body: dict[str, Any] = {
         "status": status,
         "models": engines,
