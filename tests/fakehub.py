@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,7 +55,34 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self._headers(data)
             self.end_headers()
 
+        def _tree(self) -> bool:
+            """/api/models/{org}/{repo}/tree/{revision}: the repo's files, as JSON."""
+            parts = self.path.split("?")[0].strip("/").split("/")
+            if len(parts) < 6 or parts[:2] != ["api", "models"] or parts[4] != "tree":
+                return False
+            prefix = f"{parts[2]}/{parts[3]}/"
+            listing = [
+                {"type": "file", "path": k[len(prefix) :], "size": len(v), "oid": "0" * 40}
+                for k, v in hub.files.items()
+                if k.startswith(prefix)
+            ]
+            if not listing:
+                self.send_response(404)
+                self.send_header("X-Error-Code", "RepoNotFound")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return True
+            body = json.dumps(listing).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return True
+
         def do_GET(self) -> None:
+            if self._tree():
+                return
             data = self._lookup()
             if data is None:
                 self.do_HEAD()

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from server.errors import DownloadError
 from server.registry.schema import HuggingFaceSource, ModelSpec, PackageSource, PathSource
@@ -166,15 +167,27 @@ def download(spec: ModelSpec, *, progress: bool = True) -> Path:
 
 def _network_cause(exc: BaseException) -> str:
     """What went wrong in words: network problems by their type, never a traceback."""
-    import httpx
+    import socket
 
-    if isinstance(exc, httpx.ConnectError):
-        return f"cannot connect to the hub ({exc})"
-    if isinstance(exc, httpx.TimeoutException):
+    # huggingface_hub 1.x uses httpx, 2.x its fork httpx2: the same exception tree.
+    clients = [m for m in (_optional("httpx"), _optional("httpx2")) if m is not None]
+    connect = tuple(m.ConnectError for m in clients) + (ConnectionError, socket.gaierror)
+    timeout = tuple(m.TimeoutException for m in clients) + (TimeoutError,)
+    transport = tuple(m.TransportError for m in clients)
+    if isinstance(exc, connect):
+        return f"cannot reach the Hugging Face hub: check the network or HF_ENDPOINT ({exc})"
+    if isinstance(exc, timeout):
         return "the hub stopped answering (timeout)"
-    if isinstance(exc, httpx.TransportError):
+    if isinstance(exc, transport):
         return f"the connection broke ({type(exc).__name__})"
     return str(exc) or type(exc).__name__
+
+
+def _optional(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
 
 
 def _install_package(spec: ModelSpec, src: PackageSource) -> None:
