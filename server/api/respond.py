@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 from fastapi import Request, Response
@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from server.api.keys import KeyState
 from server.api.sse import sse_response
 from server.config import Settings
+from server.errors import HostlerError
 from server.serving.job import Caller
 
 T = TypeVar("T")
@@ -57,6 +58,39 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
         return task.result()
     task.cancel()
     return None
+
+
+async def start_response(
+    start: Callable[[], Awaitable[StartedJob]],
+    stream: bool,
+    request: Request,
+    settings: Settings,
+    wait_for_load: bool,
+) -> Response:
+    """Start the job and answer. A streamed request whose model must load first gets its
+    stream at once, with `: HOSTLER PROCESSING` comments while the model loads (an error
+    found once it has loaded then comes as an error event)."""
+    if not (stream and wait_for_load):
+        return await job_response(await start(), stream, request, settings)
+    started: list[StartedJob] = []
+
+    async def chunks() -> AsyncIterator[dict[str, Any]]:
+        try:
+            job = await start()
+        except HostlerError as exc:
+            yield exc.to_body()
+            return
+        started.append(job)
+        async for chunk in job.chunks():
+            yield chunk
+
+    def cancel() -> None:
+        for job in started:
+            job.cancel()
+
+    return sse_response(
+        chunks(), keepalive=settings.keepalive, grace=settings.shutdown_grace, cancel=cancel
+    )
 
 
 async def job_response(

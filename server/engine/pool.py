@@ -62,6 +62,7 @@ class ModelPool:
         self._max = max_models
         self._models: dict[str, Loaded] = {}
         self._lock = asyncio.Lock()
+        self._tasks: dict[str, asyncio.Future[Loaded]] = {}
         self.loading: dict[str, float] = {}
         """Model id -> when its load began, while it loads."""
         self.loads = 0
@@ -74,14 +75,31 @@ class ModelPool:
         return model_id in self._models
 
     async def get(self, model_id: str) -> Engine:
+        """The model's engine, loading it first if need be.
+
+        A load runs as a task of its own that every waiting request shares: a request
+        cancelled while it waits (a client that left) never abandons a half-loaded model.
+        """
         entry = self._models.get(model_id)
         if entry is None:
-            async with self._lock:
-                entry = self._models.get(model_id)
-                if entry is None:
-                    entry = await self._load(model_id)
+            task = self._tasks.get(model_id)
+            if task is None:
+                task = asyncio.ensure_future(self._load_locked(model_id))
+                self._tasks[model_id] = task
+                task.add_done_callback(lambda t: self._load_done(model_id, t))
+            entry = await asyncio.shield(task)
         entry.idle_since = time.monotonic()
         return entry.engine
+
+    async def _load_locked(self, model_id: str) -> Loaded:
+        async with self._lock:
+            entry = self._models.get(model_id)
+            return entry if entry is not None else await self._load(model_id)
+
+    def _load_done(self, model_id: str, task: asyncio.Future[Loaded]) -> None:
+        self._tasks.pop(model_id, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: the waiters got it; no "never retrieved" warning
 
     async def _load(self, model_id: str) -> Loaded:
         if self._check is not None:

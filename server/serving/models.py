@@ -181,6 +181,8 @@ class ModelService:
     def needs_load(self, name: str | None) -> bool:
         """True when a request for `name` would wait for its model to load (a
         registered, downloaded model that is not loaded)."""
+        if self.starting is not None:
+            return False  # the start-up load: a plain 503 until it is done
         try:
             spec = self.resolve(name)
         except HostlerError:

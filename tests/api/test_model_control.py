@@ -168,3 +168,30 @@ def test_root_says_what_this_is(api: Api) -> None:
 @pytest.fixture
 def single(tmp_path: Path) -> Iterator[Api]:
     yield from make_api(tmp_path, max_models=1)
+
+
+def test_a_stream_waiting_for_its_model_gets_processing_comments(tmp_path: Path) -> None:
+    f = tmp_path / "models.yaml"
+    f.write_text(MODELS_YAML)
+    (tmp_path / "other.gguf").write_bytes(b"GGUF")  # downloaded, so it can load
+    s, models = load_settings({"models_file": f, "model": "fake", "keepalive": 0.1})
+    gate = threading.Event()
+
+    def loader(model_id: str) -> FakeEngine:
+        if model_id == "other":
+            gate.wait(10)
+        return FakeEngine()
+
+    app = create_app(s, models, loader=loader, check=lambda _m: None)
+    with TestClient(app, base_url="http://localhost") as client:
+        wait_until_loaded(client)
+        body = {"model": "other", "messages": [{"role": "user", "content": "Hi"}]}
+        threading.Timer(0.5, gate.set).start()
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            assert r.status_code == 200
+            raw = r.read().decode()
+        assert raw.index(": HOSTLER PROCESSING") < raw.index("data: {")
+        assert raw.rstrip().endswith("data: [DONE]")
+        # Once loaded, nothing waits: no comment before the first chunk.
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            assert r.read().decode().startswith("data: {")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from server.api.deps import ChatDep, KeyDep, SettingsDep
-from server.api.respond import caller_of, job_response
+from server.api.deps import ChatDep, KeyDep, ModelsDep, SettingsDep
+from server.api.respond import caller_of, start_response
 from server.protocol.chat import ChatCompletionRequest
 
 router = APIRouter()
@@ -18,6 +18,13 @@ async def chat_completions(
     chat: ChatDep,
     settings: SettingsDep,
     key: KeyDep,
+    models: ModelsDep,
 ) -> Response:
-    job = await chat.start(body, caller_of(request, key))
-    return await job_response(job, body.stream, request, settings)
+    caller = caller_of(request, key)
+    return await start_response(
+        lambda: chat.start(body, caller),
+        body.stream,
+        request,
+        settings,
+        wait_for_load=models.needs_load(body.model),
+    )

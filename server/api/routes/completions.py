@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from server.api.deps import CompletionsDep, KeyDep, SettingsDep
-from server.api.respond import caller_of, job_response
+from server.api.deps import CompletionsDep, KeyDep, ModelsDep, SettingsDep
+from server.api.respond import caller_of, start_response
 from server.protocol.completions import CompletionRequest
 
 router = APIRouter()
@@ -18,6 +18,13 @@ async def completions(
     service: CompletionsDep,
     settings: SettingsDep,
     key: KeyDep,
+    models: ModelsDep,
 ) -> Response:
-    job = await service.start(body, caller_of(request, key))
-    return await job_response(job, body.stream, request, settings)
+    caller = caller_of(request, key)
+    return await start_response(
+        lambda: service.start(body, caller),
+        body.stream,
+        request,
+        settings,
+        wait_for_load=models.needs_load(body.model),
+    )
