@@ -13,7 +13,7 @@ from pathlib import Path
 
 import llama_cpp
 
-from server.engine.llama import Shape
+from server.engine.gguf import Shape
 
 # Left free on the GPUs for llama.cpp's compute buffers and the driver.
 RESERVE_BYTES = 1 << 30

@@ -16,6 +16,7 @@ import llama_cpp.llama_cpp as lc
 import numpy as np
 import numpy.typing as npt
 
+from server.engine.gguf import Shape
 from server.engine.types import ModelInfo
 from server.errors import ModelLoadError
 
@@ -47,11 +48,11 @@ def gpu_offload_supported() -> bool:
     return bool(lc.llama_supports_gpu_offload())
 
 
-# KV cache element types: name -> (ggml type, bytes per element).
-KV_TYPES: dict[str, tuple[int, float]] = {
-    "f16": (lc.GGML_TYPE_F16, 2.0),
-    "q8_0": (lc.GGML_TYPE_Q8_0, 34 / 32),
-    "q4_0": (lc.GGML_TYPE_Q4_0, 18 / 32),
+# KV cache element types by name (their sizes: engine/gguf.py KV_BYTES).
+KV_TYPES: dict[str, int] = {
+    "f16": lc.GGML_TYPE_F16,
+    "q8_0": lc.GGML_TYPE_Q8_0,
+    "q4_0": lc.GGML_TYPE_Q4_0,
 }
 
 
@@ -70,46 +71,6 @@ class ContextOptions:
     main_gpu: int = 0
     tensor_split: tuple[float, ...] = ()
     """Fractions of the model per GPU (layer split); empty: llama.cpp's default."""
-
-
-@dataclass(frozen=True)
-class Shape:
-    """A model's size facts, read from its file's metadata without loading weights."""
-
-    n_layer: int
-    n_embd: int
-    n_head: int
-    n_head_kv: int
-    n_ctx_train: int
-    file_bytes: int
-
-    def kv_bytes(self, n_ctx: int, kv_type: str = "f16", layers: int | None = None) -> int:
-        """K and V for `n_ctx` cells over `layers` layers (all by default)."""
-        head_dim = self.n_embd // max(self.n_head, 1)
-        per_cell = 2 * self.n_head_kv * head_dim * KV_TYPES[kv_type][1]
-        return int(per_cell * n_ctx * (self.n_layer if layers is None else layers))
-
-
-def read_shape(path: Path) -> Shape:
-    """n_layer, heads and so on from the GGUF's metadata (loads the vocabulary only)."""
-    _ensure_backend()
-    mparams = lc.llama_model_default_params()
-    mparams.vocab_only = True
-    mparams.n_gpu_layers = 0
-    model = lc.llama_model_load_from_file(str(path).encode(), mparams)
-    if not model:
-        raise ModelLoadError(f"llama.cpp could not read the model file {path.name}")
-    try:
-        return Shape(
-            n_layer=int(lc.llama_model_n_layer(model)),
-            n_embd=int(lc.llama_model_n_embd(model)),
-            n_head=int(lc.llama_model_n_head(model)),
-            n_head_kv=int(lc.llama_model_n_head_kv(model)),
-            n_ctx_train=int(lc.llama_model_n_ctx_train(model)),
-            file_bytes=path.stat().st_size,
-        )
-    finally:
-        lc.llama_model_free(model)
 
 
 class LlamaModel:
@@ -144,7 +105,7 @@ class LlamaModel:
         cparams.no_perf = True
         if options.flash_attn is not None:  # 1 enabled, 0 disabled; default -1 is auto
             cparams.flash_attn_type = 1 if options.flash_attn else 0
-        kv_type = KV_TYPES[options.kv_type][0]
+        kv_type = KV_TYPES[options.kv_type]
         cparams.type_k = kv_type
         cparams.type_v = kv_type
         ctx = lc.llama_init_from_model(model, cparams)

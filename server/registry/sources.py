@@ -171,8 +171,8 @@ def _network_cause(exc: BaseException) -> str:
 
     # huggingface_hub 1.x uses httpx, 2.x its fork httpx2: the same exception tree.
     clients = [m for m in (_optional("httpx"), _optional("httpx2")) if m is not None]
-    connect = tuple(m.ConnectError for m in clients) + (ConnectionError, socket.gaierror)
-    timeout = tuple(m.TimeoutException for m in clients) + (TimeoutError,)
+    connect = (*(m.ConnectError for m in clients), ConnectionError, socket.gaierror)
+    timeout = (*(m.TimeoutException for m in clients), TimeoutError)
     transport = tuple(m.TransportError for m in clients)
     if isinstance(exc, connect):
         return f"cannot reach the Hugging Face hub: check the network or HF_ENDPOINT ({exc})"

@@ -80,8 +80,9 @@ def _model_file(registry: Registry, model_id: str) -> Path:
 
 def context_options(spec: ModelSpec, settings: Settings, path: Path) -> ContextOptions:
     """How to load `spec`: the model's GPU and batch settings over the server's."""
+    from server.engine.gguf import read_shape
     from server.engine.gpu import fit_layers, gpus
-    from server.engine.llama import ContextOptions, gpu_offload_supported, read_shape
+    from server.engine.llama import ContextOptions, gpu_offload_supported
 
     gpu = gpu_offload_supported()
     flash = spec.flash_attn if spec.flash_attn is not None else settings.flash_attn
@@ -150,7 +151,7 @@ def make_estimate(registry: Registry) -> Callable[[str], int]:
     """Bytes a model will hold once loaded: its file plus its KV cache at full context."""
 
     def estimate(model_id: str) -> int:
-        from server.engine.llama import read_shape
+        from server.engine.gguf import read_shape
 
         spec = registry.get(model_id)
         path = _model_file(registry, model_id)

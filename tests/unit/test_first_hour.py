@@ -67,7 +67,7 @@ def test_hugging_face_references(hf_env: FakeHub) -> None:  # noqa: F811
     spec = spec_for("org/repo:q4_k_m")
     assert spec.source.file == "m-Q4_K_M.gguf"  # type: ignore[union-attr]
     assert download(spec, progress=False).read_bytes() == GGUF_BYTES
-    with pytest.raises(DownloadError, match="no Q5_K_M GGUF .*m-Q8_0.gguf"):
+    with pytest.raises(DownloadError, match=r"no Q5_K_M GGUF .*m-Q8_0\.gguf"):
         spec_for("hf:org/repo:Q5_K_M")
     with pytest.raises(DownloadError, match="no such repository"):
         spec_for("org/nothing:Q4_K_M")
