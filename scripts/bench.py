@@ -389,10 +389,23 @@ def main() -> int:
         help="servers measured in the first round only (slow peers)",
     )
     p.add_argument("--ban", default="0,2", help="token ids banned with logit_bias (EOS/EOT)")
+    p.add_argument("--gguf", type=Path, help="the GGUF every server runs (default: SmolLM2)")
+    p.add_argument(
+        "--gpu-layers", default="0", help="layers on the GPU for every server: N or 'all'"
+    )
     args = p.parse_args()
     args.ban_map = {tok: -100.0 for tok in args.ban.split(",") if tok}
 
-    gguf = str(smollm2_path())
+    gguf = str(args.gguf or smollm2_path())
+    ngl = "999" if args.gpu_layers == "all" else args.gpu_layers
+    # Hostler gets the same file, context and offload through a registry of its own.
+    registry = Path(tempfile.mkdtemp(prefix="hostler-bench-")) / "models.yaml"
+    layers = "all" if args.gpu_layers == "all" else int(ngl)
+    registry.write_text(
+        "models:\n  bench:\n"
+        f"    source: {{path: {json.dumps(gguf)}}}\n"
+        f"    context: {args.ctx}\n    gpu_layers: {json.dumps(layers)}\n"
+    )
     log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
     names = args.name + [f"url{i}" for i in range(len(args.name), len(args.url))]
     targets = [Target(n, u, args.model) for n, u in zip(names, args.url, strict=False)]
@@ -401,12 +414,13 @@ def main() -> int:
             port = free_port()
 
             def hostler(cache_dir: Path, port: int = port) -> list[str]:
-                cmd = [sys.executable, "-m", "server", "serve", "--model", "smollm2-135m"]
+                cmd = [sys.executable, "-m", "server", "serve", "--model", "bench"]
+                cmd += ["--models-file", str(registry)]
                 cmd += ["--port", str(port), "--slots", str(args.slots)]
                 cmd += ["--threads", str(args.threads), "--log-level", "warning"]
                 return [*cmd, "--cache-dir", str(cache_dir), *shlex.split(args.hostler_args)]
 
-            targets.append(start("hostler", hostler, port, "smollm2-135m", log_dir))
+            targets.append(start("hostler", hostler, port, "bench", log_dir))
         llama_servers = [("llama-server", 0)] if args.llama_server else []
         if args.llama_server and args.llama_server_reuse:
             llama_servers.append(("llama-server-reuse", args.llama_server_reuse))
@@ -416,7 +430,7 @@ def main() -> int:
             def llama_server(_: Path, port: int = port, reuse: int = reuse) -> list[str]:
                 cmd = [str(args.llama_server), "-m", gguf, "--port", str(port)]
                 cmd += ["-np", str(args.slots), "-t", str(args.threads), "-tb", str(args.threads)]
-                cmd += ["-c", str(args.ctx), "--kv-unified"]
+                cmd += ["-c", str(args.ctx), "--kv-unified", "-ngl", ngl]
                 return cmd + (["--cache-reuse", str(reuse)] if reuse else [])
 
             targets.append(start(name, llama_server, port, "smollm2", log_dir))

@@ -22,7 +22,7 @@ def test_shipped_models_yaml_is_valid() -> None:
     reg = Registry.from_path(REPO_ROOT / "models.yaml")
     rocinante = reg.get("thedrummer/rocinante-12b")
     assert rocinante.id == "rocinante-12b"
-    assert rocinante.context == 16384 and rocinante.gpu_layers == "all"
+    assert rocinante.context == 16384 and rocinante.gpu_layers == "auto"
     assert rocinante.template == "chatml"
     assert reg.get("smollm2-135m").source.type == "package"
 
