@@ -119,16 +119,13 @@ def write(path: Path, a: argparse.Namespace) -> None:
         *_vocab(a.vocab),
     ]
     infos: list[bytes] = []
-    sizes: list[int] = []
     offset = 0
     for name, n in norms:
         infos.append(_s(name) + struct.pack("<IQIQ", 1, n, F32, offset))
-        sizes.append(n * 4)
         offset += -(-n * 4 // ALIGN) * ALIGN
     for name, cols, rows in mats:
         infos.append(_s(name) + struct.pack("<IQQIQ", 2, cols, rows, Q4_K, offset))
         size = rows * cols // Q4_K_BLOCK * Q4_K_BYTES
-        sizes.append(size)
         offset += -(-size // ALIGN) * ALIGN
     rng = np.random.default_rng(0)
     cache: dict[tuple[int, int], bytes] = {}  # same-shaped matrices share their bytes
@@ -136,7 +133,7 @@ def write(path: Path, a: argparse.Namespace) -> None:
         f.write(b"GGUF" + struct.pack("<IQQ", 3, len(infos), len(meta)))
         f.write(b"".join(meta) + b"".join(infos))
         _pad(f)
-        for (_, n), size in zip(norms, sizes, strict=False):
+        for _, n in norms:
             f.write(np.ones(n, dtype=np.float32).tobytes())
             _pad(f)
         for name, cols, rows in mats:
