@@ -117,19 +117,11 @@ class Settings(BaseSettings):
         "info", description="Log level: debug, info, warning, error."
     )
 
-    @field_validator("keep_alive")
-    @classmethod
-    def _duration(cls, v: str | None) -> str | None:
-        if v is not None:
-            durations.seconds(v)
-        return v
+    _keep_alive = field_validator("keep_alive")(durations.checked)
 
     @property
     def keep_alive_seconds(self) -> float | None:
-        if self.keep_alive is None:
-            return None
-        s = durations.seconds(self.keep_alive)
-        return None if s < 0 else s
+        return durations.keep_alive(self.keep_alive)
 
     @property
     def hosts(self) -> list[str] | None:

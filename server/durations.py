@@ -9,6 +9,21 @@ _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, 
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 
 
+def keep_alive(value: str | float | None) -> float | None:
+    """A keep_alive as the pool takes it: seconds, or None for "keep it loaded"."""
+    if value is None:
+        return None
+    s = seconds(value)
+    return None if s < 0 else s
+
+
+def checked(value: str | float | None) -> str | float | None:
+    """`value` itself, once it is known to be a duration (a pydantic validator)."""
+    if value is not None:
+        seconds(value)
+    return value
+
+
 def seconds(value: str | int | float) -> float:
     """The duration in seconds (negative: forever); ValueError if it is not one."""
     if isinstance(value, bool):

@@ -198,14 +198,7 @@ class SamplingFields(BaseModel):
             raise ValueError(f"a stop sequence may be at most {MAX_STOP_CHARS} characters")
         return v
 
-    @field_validator("keep_alive")
-    @classmethod
-    def _duration(cls, v: str | float | None) -> str | float | None:
-        if v is not None and not isinstance(v, str | int | float):
-            raise ValueError("must be a duration")
-        if v is not None:
-            durations.seconds(v)  # its ValueError says what is wrong
-        return v
+    _keep_alive = field_validator("keep_alive")(durations.checked)
 
     @field_validator("dry_sequence_breakers")
     @classmethod

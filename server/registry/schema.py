@@ -232,12 +232,7 @@ class ModelSpec(_Strict):
                     raise ValueError(f"{entry.regex!r} is not a regular expression: {exc}") from exc
         return v
 
-    @field_validator("keep_alive")
-    @classmethod
-    def _duration(cls, v: str | float | None) -> str | float | None:
-        if v is not None:
-            durations.seconds(v)  # ValueError names the problem
-        return v
+    _keep_alive = field_validator("keep_alive")(durations.checked)
 
     @model_validator(mode="after")
     def _flash_for_quantized_kv(self) -> ModelSpec:
@@ -256,10 +251,7 @@ class ModelSpec(_Strict):
 
     @property
     def keep_alive_seconds(self) -> float | None:
-        if self.keep_alive is None:
-            return None
-        s = durations.seconds(self.keep_alive)
-        return None if s < 0 else s
+        return durations.keep_alive(self.keep_alive)
 
 
 class ModelsFile(BaseModel):
