@@ -196,22 +196,26 @@ def _models(args: argparse.Namespace) -> int:
 
 def _remote(args: argparse.Namespace, method: str, path: str) -> Any:
     """Call a running server; errors as one line naming the cause."""
-    import httpx
+    import urllib.error
+    import urllib.request
 
     settings, _ = load_settings({})
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     url = (args.url or f"http://{host}:{settings.port}").rstrip("/")
     key = args.api_key or settings.api_key
     headers = {"Authorization": f"Bearer {key}"} if key else {}
+    request = urllib.request.Request(url + path, method=method, headers=headers)
     try:
-        r = httpx.request(method, url + path, headers=headers, timeout=600)
-    except httpx.HTTPError as exc:
-        raise ConfigError(f"no server answers at {url} ({type(exc).__name__})") from exc
-    body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
-    if r.status_code >= 400:
-        message = body.get("error", {}).get("message") if isinstance(body, dict) else None
-        raise ConfigError(f"{url}: {r.status_code} {message or r.text[:200]}")
-    return body
+        with urllib.request.urlopen(request, timeout=600) as r:
+            return json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = exc.reason
+        raise ConfigError(f"{url}: {exc.code} {message}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise ConfigError(f"no server answers at {url} ({exc})") from exc
 
 
 def _ps(args: argparse.Namespace) -> int:
