@@ -4,6 +4,8 @@ names and contexts), swaps, load/unload, keep_alive, a memory budget, a bare fil
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,11 @@ def test_swap_load_unload_and_keep_alive(two_models: Server) -> None:
     r = httpx.post(url + "/v1/models/org/big/load", timeout=120)
     assert r.status_code == 200 and r.json()["slots_busy"] == 0
     assert _loaded(url) == ["big"]
+    ps = subprocess.run(
+        [sys.executable, "-m", "server", "ps", "--url", url],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert ps.returncode == 0 and ps.stdout.splitlines()[1].split()[:2] == ["big", "0.3"]
     r = httpx.post(url + "/v1/models/big/unload", timeout=60)
     assert r.json() == {"model": "big", "was_loaded": True, "loaded": False}
     assert _loaded(url) == []
