@@ -177,8 +177,9 @@ class ChatService:
         request, overridden = self.jobs.with_presets(request, served)
         # Rendering, tokenizing and compiling a grammar or a ban list can take a while
         # for a large request: off the event loop, so other requests' streams keep flowing.
-        template, tools, grammar, prompt = await asyncio.to_thread(self._prepare, served, request)
-        bans = await asyncio.to_thread(self.jobs.bans, request, served)
+        (template, tools, grammar, prompt), bans = await asyncio.to_thread(
+            lambda: (self._prepare(served, request), self.jobs.bans(request, served))
+        )
         job = self.jobs.submit(
             request,
             Submission(

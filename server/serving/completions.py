@@ -201,8 +201,9 @@ class CompletionService:
         served, name = await self.jobs.pick_model(request)
         request, ignored = self.jobs.with_presets(request, served)
         # Tokenizing large prompts, compiling a grammar or a ban list: off the event loop.
-        grammar, prompts = await asyncio.to_thread(self._prepare, served, request)
-        bans = await asyncio.to_thread(self.jobs.bans, request, served)
+        (grammar, prompts), bans = await asyncio.to_thread(
+            lambda: (self._prepare(served, request), self.jobs.bans(request, served))
+        )
         if request.suffix is not None:
             ignored.append("suffix")  # no infill: the text after the gap is not used
         if request.best_of not in (None, request.n):
