@@ -101,13 +101,9 @@ class NumpyStage:
             return
         buf = (lc.llama_token_data * n).from_address(ctypes.addressof(cur.data.contents))
         view = np.frombuffer(memoryview(buf), dtype=TOKEN_DATA)
-        logits = view["logit"].copy()
-        keep = self._fn(logits)
-        if keep is None:
-            view["logit"] = logits
-        else:
-            kept = view[keep].copy()
-            kept["logit"] = logits[keep]
+        keep = self._fn(view["logit"])  # edits the candidates' logits in place
+        if keep is not None:
+            kept = view[keep]  # a copy (fancy indexing), then written back as the head
             view[: len(kept)] = kept
             cur.size = len(kept)
         cur.sorted = False
