@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -29,12 +30,19 @@ def seconds(value: str | int | float) -> float:
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a duration")
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError(f"{value!r} is not a finite duration")
         return float(value)
     text = value.strip()
+    if len(text) > 64:
+        raise ValueError("a duration is at most 64 characters")
     sign = -1.0 if text.startswith("-") else 1.0
     body = text.lstrip("+-")
+    number = math.nan
     with contextlib.suppress(ValueError):
-        return sign * float(body)
+        number = float(body)
+    if math.isfinite(number):
+        return sign * number
     parts = _PART.findall(body)
     if not parts or "".join(n + u for n, u in parts) != body:
         raise ValueError(f'{value!r} is not a duration (e.g. 300, "5m", "1h", -1)')

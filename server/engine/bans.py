@@ -186,10 +186,6 @@ class BanTracker:
     def length(self) -> int:
         return self._ends[-1] if self._ends else 0
 
-    @property
-    def tokens(self) -> int:
-        return len(self._ends)
-
     def push(self, piece: bytes) -> Hit | None:
         """Add the next token's bytes; a Hit when a banned phrase is now complete."""
         text = self._decoder.decode(piece)

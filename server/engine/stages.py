@@ -75,7 +75,7 @@ def tail_free_keep(logits: Logits, z: float) -> npt.NDArray[np.intp]:
 class NumpyStage:
     """A stateless llama sampler whose apply runs `fn` on the candidates in numpy.
 
-    `fn(logits, cur)` edits the logits in place (masking with -inf); it may instead
+    `fn(logits)` edits the candidates' logits in place (masking with -inf); it may instead
     return indices to keep (in order), and the candidate array is cut to those.
     The iface must outlive every sampler made from it, clones included: the owner
     (a SeqSampler) keeps this object until its chain and snapshots are freed.

@@ -242,12 +242,9 @@ class ModelSpec(_Strict):
 
     @property
     def n_gpu_layers(self) -> int:
-        """-1 for all; 'auto' is resolved when the model loads (see engine/gpu.py)."""
-        if self.gpu_layers == "all":
-            return -1
-        if self.gpu_layers == "auto":
-            return -2
-        return self.gpu_layers
+        """llama.cpp's n_gpu_layers: -1 for all (and for 'auto', which the loader first
+        resolves to what fits: serving/models.py)."""
+        return self.gpu_layers if isinstance(self.gpu_layers, int) else -1
 
     @property
     def keep_alive_seconds(self) -> float | None:

@@ -89,7 +89,7 @@ def context_options(spec: ModelSpec, settings: Settings, path: Path) -> ContextO
     if spec.kv_cache_type != "f16":
         flash = True  # llama.cpp needs it for a quantized V cache
     layers = spec.n_gpu_layers if gpu else 0
-    if layers == -2:  # auto
+    if gpu and spec.gpu_layers == "auto":
         devices = gpus()
         if spec.tensor_split:
             free = sum(d.free for d in devices)
@@ -154,8 +154,10 @@ def make_estimate(registry: Registry) -> Callable[[str], int]:
         from server.engine.gguf import read_shape
 
         spec = registry.get(model_id)
-        path = _model_file(registry, model_id)
-        shape = read_shape(path)
+        path = local_file(spec)  # verified by the pool's check just before
+        if path is None:
+            return 0
+        shape = read_shape(Path(path))
         return shape.file_bytes + shape.kv_bytes(spec.context, spec.kv_cache_type)
 
     return estimate

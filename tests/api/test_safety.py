@@ -285,3 +285,45 @@ def test_prompt_batches_are_bounded(api: Api) -> None:
     r = api.client.post("/v1/completions", json=body)
     _error(r.json(), 400, r.status_code, "prompt")
     assert not api.engine.requests
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"banned_strings": ["x"] * 20_000}, "banned_strings"),
+        ({"banned_strings": ["x" * 5_000]}, "banned_strings"),
+        ({"banned_strings": [{"regex": "(" * 400 + ")" * 400}]}, "banned_strings"),
+        ({"banned_strings": [{"text": ""}]}, "banned_strings"),
+        ({"banned_strings": "not a list"}, "banned_strings"),
+        ({"logit_bias": {"": 1}}, "logit_bias"),
+        ({"keep_alive": "nan"}, "keep_alive"),
+        ({"keep_alive": "1" * 10_000}, "keep_alive"),
+        ({"preset": "p" * 10_000}, "preset"),
+        ({"tfs": 0}, "tfs"),
+        ({"smoothing_curve": 1e9}, "smoothing_curve"),
+        ({"adaptive_decay": 5}, "adaptive_decay"),
+    ],
+)
+def test_hostile_values_of_the_role_play_fields_are_400(
+    api: Api, stream: bool, fields: dict[str, Any], param: str
+) -> None:
+    r, body = api.chat(fields, stream)
+    _error(body, 400, r.status_code)
+    assert body["error"]["param"].startswith(param)
+    assert not api.engine.requests  # refused before anything reached the engine
+
+
+def test_odd_unicode_in_ban_lists_and_bias_keys_is_served(api: Api, stream: bool) -> None:
+    # A huge counted repeat is fine: each search sees 512 characters, under a timeout.
+    fields = {
+        "banned_strings": [
+            "😀\u0301",
+            "\u0130stanbul",
+            "\x00",
+            {"regex": "\\p{Han}+"},
+            {"regex": "a{0,100000}b"},
+        ],
+        "logit_bias": {"😀": -5, "\u202e": 2},
+    }
+    r, _ = api.chat(fields, stream)
+    assert r.status_code == 200
