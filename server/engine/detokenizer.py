@@ -18,6 +18,8 @@ class TextStream:
         self._stops = tuple(s for s in stop if s)
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None
+        """The stop string that was found, once `stopped`."""
 
     def push(self, piece: bytes) -> str:
         """Add one token's bytes; return the text that is now safe to emit."""
@@ -25,8 +27,9 @@ class TextStream:
         if not self._stops:
             self._held = ""
             return text
-        cut = min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s in self._stops if (i := text.find(s)) >= 0]
+        if found:
+            cut, self.matched = min(found, key=lambda f: f[0])
             self.stopped = True
             self._held = ""
             return text[:cut]

@@ -337,6 +337,18 @@ class SeqSampler:
         # Read through cur.data: a stage may move the pointer (XTC drops the head).
         return int(cur.data[cur.selected].id)
 
+    def allows(self, token: int) -> bool:
+        """Whether the grammar (if any) accepts `token` next: a forced token must, or
+        llama.cpp's grammar aborts the process."""
+        if self.grammar is None:
+            return True
+        one = (lc.llama_token_data * 1)()
+        one[0].id = token  # type: ignore[assignment]
+        one[0].logit = 0.0
+        cur = lc.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
+        lc.llama_sampler_apply(self.grammar, ctypes.byref(cur))
+        return math.isfinite(one[0].logit)
+
     def accept(self, token: int) -> None:
         """Record `token` as generated (penalties, DRY, grammar and mirostat keep state)."""
         if self.grammar is not None:

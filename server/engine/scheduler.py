@@ -31,6 +31,7 @@ from server.engine.detokenizer import TextStream
 from server.engine.llama import Batch, ContextOptions, LlamaModel
 from server.engine.reuse import Chunk, plan_reuse, reused_tokens
 from server.engine.sampling import GrammarDeadEnd, NoTokenLeft, SeqSampler, Snapshot
+from server.engine.thinking import ThinkingGate
 from server.engine.types import (
     FinishReason,
     GenerationRequest,
@@ -113,6 +114,9 @@ class _Seq:
     """The sampler's state before each held position was sampled, to rewind to."""
     banned_at: dict[int, set[int]] = field(default_factory=dict)
     rewinds: int = 0
+    thinking: ThinkingGate | None = None
+    forced: list[int] = field(default_factory=list)
+    """Tokens to decode next without sampling (a thinking budget's close tag)."""
 
     @property
     def prefilling(self) -> bool:
@@ -324,6 +328,15 @@ class LlamaEngine:
             except Exception as exc:
                 log.exception("could not start a sequence")
                 self._deliver([(seq, self._finish(seq, "error", str(exc)))])
+                continue
+            # Admitted: the caller learns the prompt and cached counts before the prefill
+            # (Anthropic's message_start carries them; a long prefill sends nothing else).
+            admitted = SeqOutput(
+                index=seq.index,
+                prompt_tokens=len(seq.request.prompt_tokens),
+                cached_tokens=seq.cached,
+            )
+            self._deliver([(seq, admitted)])
 
     @staticmethod
     def _ready(seq: _Seq) -> bool:
@@ -391,6 +404,9 @@ class LlamaEngine:
         seq.stream = TextStream(seq.request.stop)
         if seq.request.bans is not None:
             seq.tracker = BanTracker(seq.request.bans)
+        if seq.request.thinking is not None:
+            seq.thinking = ThinkingGate(seq.request.thinking)
+            seq.forced = list(seq.thinking.initial())
         self._active.append(seq)
         self.stats["requests"] += 1
         self.stats["cached_tokens"] += keep
@@ -502,7 +518,12 @@ class LlamaEngine:
         if seq.tracker is not None:
             seq.snapshots[position] = seq.sampler.snapshot()
         try:
-            token, logprob = seq.sampler.sample(idx, position, banned)
+            if seq.forced and seq.sampler.allows(seq.forced[0]):
+                token, logprob = seq.forced.pop(0), None
+                seq.sampler.accept(token)
+            else:
+                seq.forced.clear()  # a grammar that does not allow the close tag wins
+                token, logprob = seq.sampler.sample(idx, position, banned)
         except GrammarDeadEnd as exc:
             # A finished document whose end was banned ends here; otherwise the bans
             # excluded everything the grammar allows, which no token can satisfy.
@@ -524,6 +545,8 @@ class LlamaEngine:
                 o.logprobs = [*(o.logprobs or []), logprob]
             return o
         piece = self.model.piece(token, req.render_special)
+        if seq.thinking is not None and seq.thinking.state != "done":
+            seq.forced.extend(seq.thinking.push(piece.decode("utf-8", "ignore")))
         tokens: list[int] = [token]
         logprobs: list[TokenLogprob] | None = [logprob] if logprob is not None else None
         if seq.tracker is None:
@@ -656,6 +679,7 @@ class LlamaEngine:
             note=note,
             prompt_tokens=len(seq.request.prompt_tokens),
             cached_tokens=seq.cached,
+            stop_string=seq.stream.matched,
             completion_tokens=len(seq.generated),
         )
 

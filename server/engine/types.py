@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
     from server.engine.bans import BanList
+    from server.engine.thinking import ThinkingBudget
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -73,6 +74,8 @@ class GenerationRequest:
     """Write control tokens (e.g. Mistral's `[TOOL_CALLS]`) into the text, for tool parsing."""
     bans: BanList | None = None
     """Phrases the text must never contain (rewound and resampled when one forms)."""
+    thinking: ThinkingBudget | None = None
+    """Close the model's thinking once it has used this many tokens."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,8 @@ class SeqOutput:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
+    stop_string: str | None = None
+    """The stop string that ended the choice, when one did."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ from pydantic import (
     model_validator,
 )
 
-from server.protocol.common import ChoiceLogprobs, SamplingFields, Usage
+from server.protocol.common import INT32_MAX, ChoiceLogprobs, SamplingFields, Usage
+
+MAX_TEMPLATE_KWARGS = 32
 
 
 class TextPart(BaseModel):
@@ -46,6 +48,27 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = Field(
+        None, description="An earlier reply's thinking (DeepSeek's name; `reasoning` too)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reasoning_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "reasoning" in data and "reasoning_content" not in data:
+            data = {**data, "reasoning_content": data["reasoning"]}
+            data.pop("reasoning")
+        return data
+
+
+class ReasoningConfig(BaseModel):
+    """OpenRouter's `reasoning` object."""
+
+    model_config = ConfigDict(extra="allow")
+    effort: Literal["xhigh", "high", "medium", "low", "minimal", "none"] | None = None
+    max_tokens: int | None = Field(None, ge=0, le=INT32_MAX)
+    exclude: bool = False
+    enabled: bool | None = None
 
 
 class FunctionDef(BaseModel):
@@ -70,6 +93,18 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Any = None
     template: str | None = Field(None, description="Hostler extension: instruct preset to use.")
+    reasoning: ReasoningConfig | None = Field(
+        None, description="OpenRouter: thinking effort or token budget, exclude, enabled."
+    )
+    include_reasoning: bool | None = Field(
+        None, description="OpenRouter's older switch: false leaves the thinking out."
+    )
+    reasoning_effort: Literal["xhigh", "high", "medium", "low", "minimal", "none"] | None = None
+    chat_template_kwargs: dict[str, str | int | float | bool | None] | None = Field(
+        None,
+        max_length=MAX_TEMPLATE_KWARGS,
+        description="llama-server's extra template variables (e.g. enable_thinking).",
+    )
 
     @model_validator(mode="after")
     def _messages_or_prompt(self) -> ChatCompletionRequest:
@@ -81,6 +116,8 @@ class ChatCompletionRequest(SamplingFields):
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning: str | None = Field(None, description="The thinking (OpenRouter's name).")
+    reasoning_content: str | None = Field(None, description="The same (DeepSeek's name).")
     tool_calls: list[ToolCall] | None = None
 
     @model_serializer(mode="wrap")
@@ -118,6 +155,8 @@ class ToolCallDelta(ToolCall):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
 
 

@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from server import __version__, durations
 from server.engine.bans import BanList
+from server.engine.thinking import ThinkingBudget
 from server.engine.types import (
     Engine,
     GenerationHandle,
@@ -128,8 +129,8 @@ class Job:
         first = True
         try:
             async for outputs in self.handle:
-                if first:
-                    first = False
+                if first and any(o.token_ids or o.finish_reason for o in outputs):
+                    first = False  # not the admission output: that one comes before prefill
                     self.record.first_output()
                 for o in outputs:
                     self._totals.add(o)
@@ -179,6 +180,7 @@ class Submission:
     prompt_param: str = "messages"
     max_tokens: int | None = None  # the budget, when the caller has already checked it
     bans: BanList | None = None
+    thinking: ThinkingBudget | None = None
 
 
 class JobFactory:
@@ -265,6 +267,7 @@ class JobFactory:
                 n=request.n,
                 render_special=sub.render_special,
                 bans=sub.bans,
+                thinking=sub.thinking,
             )
         )
         record = GenerationRecord(

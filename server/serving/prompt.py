@@ -71,6 +71,8 @@ def to_template_messages(
                 entry["content"] = f"{content}\n{text}" if content else text
         if m.tool_call_id:
             entry["tool_call_id"] = m.tool_call_id
+        if m.reasoning_content and m.role == "assistant":
+            entry["reasoning_content"] = m.reasoning_content  # templates that replay it
         out.append(entry)
     if tools is not None and tools.tools and not knows_tools:
         block = tools_system_prompt(tools.tools, tools.fmt)
@@ -86,8 +88,9 @@ def build_prompt(
     template: ChatTemplate,
     messages: list[ChatMessage],
     tools: ToolPlan | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Prompt:
-    text, prefill = render_prompt(engine, template, messages, tools)
+    text, prefill = render_prompt(engine, template, messages, tools, extra)
     return Prompt(text, tokenize_prompt(engine, text), prefill)
 
 
@@ -96,6 +99,7 @@ def render_prompt(
     template: ChatTemplate,
     messages: list[ChatMessage],
     tools: ToolPlan | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[str, str]:
     """The prompt text, and the assistant prefill it ends with ("" when none)."""
     msgs = to_template_messages(messages, template, tools)
@@ -111,6 +115,7 @@ def render_prompt(
             bos_token=info.bos_token,
             eos_token=info.eos_token,
             tools=tools.tools if tools is not None and tools.tools else None,
+            extra=extra,
         )
     except TemplateError as exc:
         raise BadRequestError(str(exc), param="messages") from exc

@@ -169,7 +169,7 @@ class ToolCallStream:
             out, self._calls_text = self._pending[:at], self._pending[at:]
             self._pending = ""
             return out
-        keep = _partial_suffix(self._pending, marker)
+        keep = partial_suffix(self._pending, marker)
         out = self._pending[: len(self._pending) - keep]
         self._pending = self._pending[len(out) :]
         return out
@@ -184,7 +184,7 @@ class ToolCallStream:
         return out
 
 
-def _partial_suffix(text: str, marker: str) -> int:
+def partial_suffix(text: str, marker: str) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of `marker`."""
     for n in range(min(len(marker) - 1, len(text)), 0, -1):
         if text.endswith(marker[:n]):

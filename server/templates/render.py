@@ -84,20 +84,24 @@ class ChatTemplate:
         eos_token: str,
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> str:
-        """The prompt text. Bounded in time and size; never raises anything but
-        TemplateError, whatever the template does. Call it off the event loop."""
+        """The prompt text (`extra`: more template variables, e.g. enable_thinking).
+        Bounded in time and size; never raises anything but TemplateError, whatever the
+        template does. Call it off the event loop."""
 
         def render() -> str:
             out: list[str] = []
             size = 0
-            for part in _compiled(self.source).generate(
-                messages=messages,
-                bos_token=bos_token,
-                eos_token=eos_token,
-                add_generation_prompt=add_generation_prompt,
-                tools=tools,
-            ):
+            context = {
+                **(extra or {}),  # ours below win over a client's variable of the same name
+                "messages": messages,
+                "bos_token": bos_token,
+                "eos_token": eos_token,
+                "add_generation_prompt": add_generation_prompt,
+                "tools": tools,
+            }
+            for part in _compiled(self.source).generate(context):
                 size += len(part)
                 if size > MAX_OUTPUT_CHARS:
                     raise TemplateError(f"template '{self.name}' wrote more than the limit")
