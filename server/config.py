@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     model: str | None = Field(
         None, description="Model to load at start-up and use when a request names none."
     )
+    model_fallback: list[str] = Field(
+        ["claude-*", "openrouter/auto"],
+        description="Model names (glob patterns) that mean the default model: Claude Code"
+        " names claude-* models for its side requests. Any other unknown name is a 404.",
+    )
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
     api_key: str | None = Field(

@@ -46,6 +46,14 @@ class BadRequestError(HostlerError):
 class ContextLengthError(BadRequestError):
     """Prompt plus requested completion does not fit the model's context."""
 
+    def __init__(
+        self, message: str, *, param: str | None = None, tokens: int | None = None,
+        limit: int | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(message, param=param)
+        self.tokens = tokens  # the prompt's tokens (plus max_tokens), when counted
+        self.limit = limit  # the context
+
 
 class AuthenticationError(HostlerError):
     status = 401

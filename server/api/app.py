@@ -19,6 +19,7 @@ from server import __version__
 from server.api import errors
 from server.api.deps import require_key
 from server.api.dialects import kobold, llamacpp, ollama, textgen
+from server.api.dialects.anthropic import routes as anthropic
 from server.api.guard import Guard
 from server.api.keys import KeyRing
 from server.api.metrics import CONTENT_TYPE, CountRequests, Metrics
@@ -66,7 +67,7 @@ def create_app(
             pinned=lambda model_id: registry.get(model_id).pinned,
             keep_alive=keep_alive,
         )
-        model_service = ModelService(registry, pool, settings.model)
+        model_service = ModelService(registry, pool, settings.model, settings.model_fallback)
         generations = GenerationLog()
         metrics = Metrics(lambda: pool)
         generations.listeners.append(metrics.generation)
@@ -129,6 +130,7 @@ def create_app(
     api.include_router(completions.router)
     api.include_router(models.router)
     api.include_router(openrouter.router)
+    api.include_router(anthropic.router)
     # OpenAI clients use /v1; OpenRouter clients use /api/v1.
     app.include_router(api, prefix="/v1")
     app.include_router(api, prefix="/api/v1")

@@ -6,6 +6,7 @@ per dependency per request.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -58,10 +59,26 @@ def bearer_token(request: Request) -> str | None:
     return request.headers.get("x-api-key")
 
 
+async def body_key(request: Request) -> str | None:
+    """ModelsLab's way: the key as `key` in a JSON body (read only when no header has one)."""
+    if request.method != "POST":
+        return None
+    try:
+        data = json.loads(await request.body())
+    except (ValueError, RecursionError):
+        return None  # the route reports the bad body (after the key check)
+    key = data.get("key") if isinstance(data, dict) else None
+    return key if isinstance(key, str) and key else None
+
+
 async def require_key(request: Request) -> KeyState:
-    """The caller's key (every route but /health); 401 when a key is needed and wrong."""
+    """The caller's key (every route but /health); 401 when a key is needed and wrong.
+    Sent as `Authorization: Bearer`, `x-api-key` (Anthropic's), or `key` in the body."""
     keys: KeyRing = request.app.state.keys
-    state = keys.authenticate(bearer_token(request))
+    token = bearer_token(request)
+    if token is None and not keys.open:
+        token = await body_key(request)
+    state = keys.authenticate(token)
     request.state.key = state
     return state
 

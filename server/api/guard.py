@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.api.dialects.anthropic.errors import anthropic_body, anthropic_status, is_anthropic
 from server.errors import (
     BadRequestError,
     ForbiddenError,
@@ -58,11 +59,11 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        path: str = scope["path"]
         problem = self._check(scope, headers)
         if problem is not None:
-            await _send_error(send, problem)
+            await _send_error(send, problem, path)
             return
-        path: str = scope["path"]
         if path.startswith(OLLAMA_PREFIX) and not path.startswith("/api/v1/"):
             # Ollama reads every body as JSON, whatever its Content-Type; its clients
             # (and `curl -d`) rely on it. Cross-site pages were refused above by Origin.
@@ -71,10 +72,10 @@ class Guard:
         length = headers.get("content-length")
         if length is not None:
             if not length.isdigit():
-                await _send_error(send, BadRequestError("invalid Content-Length"))
+                await _send_error(send, BadRequestError("invalid Content-Length"), path)
                 return
             if int(length) > self.max_body:
-                await _send_error(send, self._too_large())
+                await _send_error(send, self._too_large(), path)
                 return
             await self.app(scope, receive, send)
             return
@@ -90,7 +91,7 @@ class Guard:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_body:
-                await _send_error(send, self._too_large())
+                await _send_error(send, self._too_large(), path)
                 return
         sent = False
 
@@ -133,15 +134,20 @@ class Guard:
         )
 
 
-async def _send_error(send: Send, exc: HostlerError) -> None:
-    body = json.dumps(exc.to_body()).encode()
+async def _send_error(send: Send, exc: HostlerError, path: str = "") -> None:
+    status = exc.status
+    if is_anthropic(path):
+        body = json.dumps(anthropic_body(exc)).encode()
+        status = anthropic_status(exc)
+    else:
+        body = json.dumps(exc.to_body()).encode()
     headers: list[tuple[bytes, bytes]] = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         (b"connection", b"close"),
     ]
     headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
-    start: dict[str, Any] = {"type": "http.response.start", "status": exc.status}
+    start: dict[str, Any] = {"type": "http.response.start", "status": status}
     start["headers"] = headers
     await send(start)
     await send({"type": "http.response.body", "body": body})

@@ -16,11 +16,20 @@ from typing import Any
 import anyio
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from server.errors import ServiceUnavailableError
+from server.errors import HostlerError, ServiceUnavailableError
 
 KEEPALIVE_COMMENT = "HOSTLER PROCESSING"
 # Time left, at the end of the shutdown grace period, to write the last events.
 _FAREWELL_MARGIN = 1.0
+
+
+EventName = str | Callable[[dict[str, Any]], str] | None
+
+
+def _name(event: EventName, chunk: dict[str, Any]) -> dict[str, str]:
+    if event is None:
+        return {}
+    return {"event": event if isinstance(event, str) else event(chunk)}
 
 
 async def _events(
@@ -28,10 +37,10 @@ async def _events(
     shutdown: anyio.Event,
     grace: float,
     cancel: Callable[[], None],
-    event: str | None,
+    event: EventName,
     done: bool,
+    error_body: Callable[[HostlerError], dict[str, Any]],
 ) -> AsyncIterator[dict[str, str]]:
-    named = {"event": event} if event else {}
     cut = False
 
     async def cut_at_deadline() -> None:
@@ -44,14 +53,16 @@ async def _events(
     watcher = asyncio.ensure_future(cut_at_deadline())
     try:
         async for chunk in chunks:
-            yield {**named, "data": json.dumps(chunk, separators=(",", ":"), ensure_ascii=False)}
+            data = json.dumps(chunk, separators=(",", ":"), ensure_ascii=False)
+            yield {**_name(event, chunk), "data": data}
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
     if cut:
         error = ServiceUnavailableError("the server shut down before this response finished")
-        yield {**named, "data": json.dumps(error.to_body())}
+        body = error_body(error)
+        yield {**_name(event, body), "data": json.dumps(body)}
     if done:
         yield {"data": "[DONE]"}
 
@@ -63,16 +74,19 @@ def sse_response(
     grace: float,
     cancel: Callable[[], None],
     headers: dict[str, str] | None = None,
-    event: str | None = None,
+    event: EventName = None,
     done: bool = True,
+    ping: Callable[[], ServerSentEvent] | None = None,
+    error_body: Callable[[HostlerError], dict[str, Any]] = HostlerError.to_body,
 ) -> EventSourceResponse:
-    """`event` names every event (KoboldCpp's "message"); `done` ends with [DONE]."""
+    """`event` names every event (KoboldCpp's "message"), or names each by its data
+    (Anthropic's); `done` ends with [DONE]; `ping` makes the keep-alive event."""
     shutdown = anyio.Event()
     return EventSourceResponse(
-        _events(chunks, shutdown, grace, cancel, event, done),
+        _events(chunks, shutdown, grace, cancel, event, done, error_body),
         headers=headers,
         ping=keepalive,
-        ping_message_factory=lambda: ServerSentEvent(comment=KEEPALIVE_COMMENT),
+        ping_message_factory=ping or (lambda: ServerSentEvent(comment=KEEPALIVE_COMMENT)),
         shutdown_event=shutdown,
         shutdown_grace_period=grace,
     )

@@ -37,6 +37,7 @@ RENAMES: dict[str, str] = {
     "tfs_z": "tfs",
     "banned_phrases": "banned_strings",
     "smoothing": "smoothing_factor",
+    "model_id": "model",  # ModelsLab's sample code
 }
 
 # Stage names in other servers' order lists -> ours (None: a stage with a fixed place).
@@ -118,6 +119,8 @@ def from_foreign(data: Any) -> Any:
     if not isinstance(data, dict):
         return data
     body = dict(data)
+    # ModelsLab sends its API key in the body; api/deps.py checked it: never kept.
+    body.pop("key", None)
     for foreign, ours in RENAMES.items():
         if foreign in body:
             value = body.pop(foreign)

@@ -83,9 +83,12 @@ class MessagesBase(BaseModel):
     @classmethod
     def _modelslab(cls, data: Any) -> Any:
         # ModelsLab's sample code names the model `model_id`.
-        if isinstance(data, dict) and "model_id" in data and data.get("model") is None:
-            data = {**data, "model": data["model_id"]}
-            data.pop("model_id")
+        if isinstance(data, dict) and ("model_id" in data or "key" in data):
+            data = dict(data)
+            model_id = data.pop("model_id", None)
+            if data.get("model") is None:
+                data["model"] = model_id
+            data.pop("key", None)  # the API key in the body: checked in api/deps.py
         return data
 
     @field_validator("tools")

@@ -233,7 +233,7 @@ class ChatService:
         self.completions = completions
 
     async def start(
-        self, request: ChatCompletionRequest, caller: Caller
+        self, request: ChatCompletionRequest, caller: Caller, *, cap_max_tokens: bool = False
     ) -> ChatJob | CompletionJob:
         """Check everything that can fail up front, then queue the request in the engine.
 
@@ -261,10 +261,20 @@ class ChatService:
                 ignored=tuple(overridden),
                 bans=bans,
                 thinking=reasoning.engine_budget(served.engine),
+                cap_max_tokens=cap_max_tokens,
             ),
             caller,
         )
         return ChatJob(job, tools, reasoning)
+
+    async def count_tokens(self, request: ChatCompletionRequest) -> int:
+        """The prompt's length in tokens, rendered and tokenized exactly as for a reply."""
+        if request.messages is None:
+            raise BadRequestError("messages are required", param="messages")
+        served, _ = await self.jobs.pick_model(request)
+        request, _ = self.jobs.with_presets(request, served)
+        prepared = await asyncio.to_thread(self._prepare, served, request)
+        return len(prepared[3].tokens)
 
     def _prepare(
         self, served: ServedModel, request: ChatCompletionRequest

@@ -181,6 +181,7 @@ class Submission:
     max_tokens: int | None = None  # the budget, when the caller has already checked it
     bans: BanList | None = None
     thinking: ThinkingBudget | None = None
+    cap_max_tokens: bool = False  # max_tokens beyond the context is cut, not refused
 
 
 class JobFactory:
@@ -204,7 +205,9 @@ class JobFactory:
                     self.models.pool.keep_alive(
                         served.spec.id, durations.seconds(request.keep_alive)
                     )
-                return served, name or served.spec.id
+                # A fallback name (claude-*) answers with the model that really ran.
+                shown = name if name and name in self.models.registry else served.spec.id
+                return served, shown
             except (NotFoundError, ModelLoadError) as exc:
                 last = exc  # try the next model of a fallback list
         assert last is not None
@@ -222,23 +225,35 @@ class JobFactory:
         return banned_strings(request.banned_strings, model_bans(served.spec))
 
     def max_tokens(
-        self, served: ServedModel, request: SamplingFields, n_prompt: int, prompt_param: str
+        self,
+        served: ServedModel,
+        request: SamplingFields,
+        n_prompt: int,
+        prompt_param: str,
+        cap: bool = False,
     ) -> int:
-        """The completion budget; a prompt (plus max_tokens) beyond the context is a 400."""
+        """The completion budget; a prompt (plus max_tokens) beyond the context is a 400.
+        With `cap`, max_tokens is a ceiling (Anthropic's meaning), not a reservation."""
         n_ctx = served.engine.info.n_ctx
         if n_prompt >= n_ctx:
             raise ContextLengthError(
                 f"the prompt is {n_prompt} tokens; this model's context is {n_ctx}",
                 param=prompt_param,
+                tokens=n_prompt,
+                limit=n_ctx,
             )
         max_tokens = request.requested_max_tokens or served.spec.defaults.max_tokens
         if max_tokens is None:
             return n_ctx - n_prompt
+        if cap:
+            return min(max_tokens, n_ctx - n_prompt)
         if n_prompt + max_tokens > n_ctx:
             raise ContextLengthError(
                 f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds this model's"
                 f" context of {n_ctx} tokens",
                 param="max_tokens",
+                tokens=n_prompt + max_tokens,
+                limit=n_ctx,
             )
         return max_tokens
 
@@ -246,7 +261,7 @@ class JobFactory:
         served = sub.served
         info = served.engine.info
         max_tokens = sub.max_tokens or self.max_tokens(
-            served, request, len(sub.prompt_tokens), sub.prompt_param
+            served, request, len(sub.prompt_tokens), sub.prompt_param, sub.cap_max_tokens
         )
         params, dropped = to_sampling_params(
             request,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import time
@@ -164,10 +165,18 @@ def make_estimate(registry: Registry) -> Callable[[str], int]:
 
 
 class ModelService:
-    def __init__(self, registry: Registry, pool: ModelPool, default_model: str | None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        pool: ModelPool,
+        default_model: str | None,
+        fallback: list[str] | None = None,
+    ) -> None:
         self.registry = registry
         self.pool = pool
         self.default_model = default_model
+        self.fallback = [p.lower() for p in fallback or []]
+        """Names that mean the default model (glob patterns, e.g. claude-*)."""
         self.created = int(time.time())
         self._templates: dict[tuple[str, str | None], ChatTemplate] = {}
         self.starting: str | None = None
@@ -176,10 +185,22 @@ class ModelService:
         """Or "downloading", while the start-up model is fetched first."""
 
     def resolve(self, name: str | None) -> ModelSpec:
+        if name and name not in self.registry and self.is_fallback(name):
+            name = self.default_model or next(iter(self.pool.loaded), None)
+            if name is None:
+                raise ModelNotFoundError(
+                    "no default model is set for names like this one; start the server with"
+                    " --model NAME",
+                    param="model",
+                )
         name = name or self.default_model
         if not name:
             raise ModelNotFoundError("no model given and no default model set", param="model")
         return self.registry.get(name)
+
+    def is_fallback(self, name: str) -> bool:
+        lowered = name.lower()
+        return any(fnmatch.fnmatchcase(lowered, p) for p in self.fallback)
 
     def needs_load(self, name: str | None) -> bool:
         """True when a request for `name` would wait for its model to load (a

@@ -30,15 +30,21 @@ async def health(models: ModelsDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
-@router.get("/")
+@router.api_route("/", methods=["GET", "HEAD"])
 async def root() -> dict[str, Any]:
     """What this is, for whoever opens the address in a browser (open, like /health:
     it names no model)."""
     return {
         "name": "hostler",
         "version": __version__,
-        "api": {"openai": "/v1", "openrouter": "/api/v1"},
+        "api": {"openai": "/v1", "openrouter": "/api/v1", "anthropic": "/v1/messages"},
         "models": "/v1/models",
         "health": "/health",
         "docs": "/docs",
     }
+
+
+@router.api_route("/api/hello", methods=["GET", "HEAD"])
+async def hello() -> dict[str, Any]:
+    """Claude Code's connectivity probe (open, like `/`)."""
+    return {"status": "ok"}
