@@ -29,7 +29,7 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
-        elif name in ("cors_origins", "allowed_hosts"):
+        elif name in ("cors_origins", "allowed_hosts", "model_fallback"):
             p.add_argument(flag, nargs="*", default=None, help=help_text)
         elif name == "keys":
             p.add_argument(flag, type=json.loads, default=None, help=help_text + " (JSON)")

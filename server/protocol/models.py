@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 
 class Architecture(BaseModel):
@@ -29,6 +29,9 @@ class TopProvider(BaseModel):
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
+    type: Literal["model"] = Field("model", description="Anthropic's field, beside OpenAI's.")
+    display_name: str = Field("", description="Anthropic's name for `name`.")
+    created_at: str = Field("", description="Anthropic's: `created` as RFC 3339.")
     created: int
     owned_by: str = "hostler"
     name: str
@@ -45,3 +48,13 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+    # Anthropic's pagination: one page holds every model.
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
+
+    @model_validator(mode="after")
+    def _ends(self) -> ModelList:
+        if self.data:
+            self.first_id, self.last_id = self.data[0].id, self.data[-1].id
+        return self

@@ -18,6 +18,7 @@ class OllamaMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[str] | None = None
+    thinking: str | None = None
 
 
 class OllamaBase(BaseModel):
@@ -27,6 +28,9 @@ class OllamaBase(BaseModel):
     format: Literal["json"] | dict[str, Any] | None = None
     options: dict[str, Any] | None = Field(None, max_length=MAX_OPTIONS)
     keep_alive: str | int | float | None = None
+    think: bool | Literal["high", "medium", "low"] | None = Field(
+        None, description="Thinking models: false turns it off, a level sets its effort."
+    )
 
 
 class OllamaChatRequest(OllamaBase):

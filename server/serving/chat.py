@@ -267,14 +267,14 @@ class ChatService:
         )
         return ChatJob(job, tools, reasoning)
 
-    async def count_tokens(self, request: ChatCompletionRequest) -> int:
-        """The prompt's length in tokens, rendered and tokenized exactly as for a reply."""
+    async def prompt_tokens(self, request: ChatCompletionRequest) -> list[int]:
+        """The prompt's tokens, rendered and tokenized exactly as for a reply."""
         if request.messages is None:
             raise BadRequestError("messages are required", param="messages")
         served, _ = await self.jobs.pick_model(request)
         request, _ = self.jobs.with_presets(request, served)
         prepared = await asyncio.to_thread(self._prepare, served, request)
-        return len(prepared[3].tokens)
+        return prepared[3].tokens
 
     def _prepare(
         self, served: ServedModel, request: ChatCompletionRequest

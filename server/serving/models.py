@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,7 +41,8 @@ SUPPORTED_PARAMETERS = [
     "sampler_order", "stream", "stream_options", "response_format", "structured_outputs",
     "tools", "tool_choice", "transforms", "repetition_penalty_range", "tfs",
     "smoothing_factor", "smoothing_curve", "adaptive_target", "adaptive_decay",
-    "banned_strings", "preset", "keep_alive",
+    "banned_strings", "preset", "keep_alive", "reasoning", "include_reasoning",
+    "reasoning_effort", "chat_template_kwargs",
 ]  # fmt: skip
 
 
@@ -273,6 +275,8 @@ class ModelService:
         return ModelCard(
             id=spec.id,
             created=self.created,
+            created_at=datetime.fromtimestamp(self.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            display_name=spec.name or spec.id,
             name=spec.name or spec.id,
             description=spec.description or "",
             context_length=ctx,

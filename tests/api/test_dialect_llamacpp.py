@@ -62,7 +62,7 @@ def test_completion_length_and_token_prompt(api: Api) -> None:
 
 def test_tokenize_detokenize_props(api: Api) -> None:
     r = api.client.post("/tokenize", json={"content": "Hi"})
-    assert r.json() == {"tokens": [ord("H"), ord("i")]}
+    assert r.json()["tokens"] == [ord("H"), ord("i")]
     r = api.client.post("/tokenize", json={"content": "Hi", "with_pieces": True})
     assert r.json()["tokens"][0] == {"id": ord("H"), "piece": "H"}
     assert api.client.post("/detokenize", json={"tokens": [72, 105]}).json() == {"content": "Hi"}
@@ -79,3 +79,22 @@ def test_native_routes_need_the_key(tmp_path: Any) -> None:
     for api in make_api(tmp_path, api_key="sekret-key"):
         assert api.client.post("/completion", json=BODY).status_code == 401
         assert api.client.get("/props").status_code == 401
+
+
+def test_vllm_tokenize_shapes(api: Api) -> None:
+    """SillyTavern's vLLM and Aphrodite tokenizer calls: {model, prompt} or {model,
+    messages}, expecting tokens, count and max_model_len."""
+    for path in ("/tokenize", "/v1/tokenize"):
+        r = api.client.post(path, json={"model": "fake", "prompt": "Hi"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["tokens"] == [0, ord("H"), ord("i")]  # vLLM adds BOS by default
+        assert body["count"] == 3 and body["max_model_len"] == 256
+        msgs = {"model": "fake", "messages": [{"role": "user", "content": "Hi"}]}
+        r = api.client.post(path, json=msgs)
+        assert r.status_code == 200, r.text
+        assert r.json()["count"] == len(r.json()["tokens"]) > 3  # the template's tokens too
+    r = api.client.post("/v1/tokenize", json={"model": "fake"})
+    assert r.status_code == 400
+    r = api.client.post("/v1/tokenize", json={"model": "nope", "prompt": "x"})
+    assert r.status_code == 404

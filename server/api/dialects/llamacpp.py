@@ -16,10 +16,11 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from server import __version__
-from server.api.deps import CompletionsDep, KeyDep, ModelsDep, SettingsDep
+from server.api.deps import ChatDep, CompletionsDep, KeyDep, ModelsDep, SettingsDep
 from server.api.dialects.tokens import decode, encode
 from server.api.respond import caller_of, until_disconnected
 from server.api.sse import sse_response
+from server.protocol.chat import ChatCompletionRequest
 from server.protocol.completions import (
     Completion,
     CompletionLogprobs,
@@ -131,12 +132,31 @@ async def completion(
 
 
 @router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, models: ModelsDep) -> dict[str, Any]:
-    ids = await encode(models, body.content, body.model, add_special=body.add_special)
-    if not body.with_pieces:
-        return {"tokens": ids}
+@router.post("/v1/tokenize")
+async def tokenize(body: TokenizeRequest, models: ModelsDep, chat: ChatDep) -> dict[str, Any]:
+    """llama-server's shape (`tokens`, pieces on request) with vLLM's `count` and
+    `max_model_len`; `messages` are rendered with the model's template first."""
+    if body.messages is not None:
+        request = ChatCompletionRequest.model_validate(
+            {"model": body.model, "messages": body.messages}
+        )
+        ids = await chat.prompt_tokens(request)
+    else:
+        text = body.content if body.content is not None else body.prompt or ""
+        # vLLM adds the model's special tokens unless told not to; llama-server does not.
+        add = body.add_special if body.add_special is not None else body.prompt is not None
+        ids = await encode(models, text, body.model, add_special=add)
     engine = (await models.get(body.model)).engine
-    return {"tokens": [{"id": t, "piece": engine.token_text(t)} for t in ids]}
+    tokens: list[Any] = ids
+    if body.with_pieces:
+        tokens = [{"id": t, "piece": engine.token_text(t)} for t in ids]
+    return {"tokens": tokens, "count": len(ids), "max_model_len": engine.info.n_ctx}
+
+
+@router.post("/v1/detokenize")
+async def detokenize_v1(body: DetokenizeRequest, models: ModelsDep) -> dict[str, Any]:
+    text = await decode(models, body.tokens, body.model)
+    return {"prompt": text, "content": text}
 
 
 @router.post("/detokenize")

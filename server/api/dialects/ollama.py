@@ -50,6 +50,10 @@ def _now() -> str:
 def _fields(body: OllamaBase) -> dict[str, Any]:
     """Our request fields from Ollama's: options and format."""
     fields: dict[str, Any] = {**(body.options or {}), "model": body.model}
+    if body.think is False:
+        fields["reasoning"] = {"enabled": False, "exclude": True}
+    elif isinstance(body.think, str):
+        fields["reasoning"] = {"effort": body.think}
     if body.format == "json":
         fields["response_format"] = {"type": "json_object"}
     elif isinstance(body.format, dict):
@@ -89,22 +93,27 @@ class _Run:
         self.start = time.monotonic()
         self.first: float | None = None
 
-    def _text(self, choice: dict[str, Any]) -> str:
-        """A streamed choice's new text, from a chat chunk or a completion chunk."""
+    def _text(self, choice: dict[str, Any]) -> tuple[str, str]:
+        """A streamed choice's new (text, thinking), from a chat or a completion chunk."""
         if isinstance(self.job, ChatJob):
-            return str(choice.get("delta", {}).get("content") or "")
-        return str(choice.get("text") or "")
+            delta = choice.get("delta", {})
+            return str(delta.get("content") or ""), str(delta.get("reasoning") or "")
+        return str(choice.get("text") or ""), ""
 
-    def piece(self, text: str, done: bool = False) -> dict[str, Any]:
+    def piece(self, text: str, done: bool = False, thinking: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {"model": self.model, "created_at": _now()}
         if self.chat:
             out["message"] = {"role": "assistant", "content": text}
+            if thinking:
+                out["message"]["thinking"] = thinking
         else:
             out["response"] = text
+            if thinking:
+                out["thinking"] = thinking
         out["done"] = done
         return out
 
-    def final(self, text: str, finish: str | None) -> dict[str, Any]:
+    def final(self, text: str, finish: str | None, thinking: str = "") -> dict[str, Any]:
         end = time.monotonic()
         record = self.job.job.record if isinstance(self.job, ChatJob) else self.job.jobs[0].record
         first = self.first or end
@@ -112,7 +121,7 @@ class _Run:
             first = min(first, self.start + record.latency)
         usage = self.job.job.usage if isinstance(self.job, ChatJob) else self.job.usage
         return {
-            **self.piece(text, done=True),
+            **self.piece(text, done=True, thinking=thinking),
             "done_reason": "length" if finish == "length" else "stop",
             "total_duration": int((end - self.start) * 1e9),
             "load_duration": 0,
@@ -132,10 +141,10 @@ class _Run:
                 if c.get("index", 0) != 0:
                     continue
                 finish = c.get("finish_reason") or finish
-                text = self._text(c)
-                if text:
+                text, thinking = self._text(c)
+                if text or thinking:
                     self.first = self.first or time.monotonic()
-                    yield _line(self.piece(text))
+                    yield _line(self.piece(text, thinking=thinking))
         yield _line(self.final("", finish))
 
     async def respond(self, stream: bool, request: Request) -> Response:
@@ -149,13 +158,15 @@ class _Run:
         result = await until_disconnected(request, self.job.complete())
         if result is None:
             return Response(status_code=499)
+        thinking = ""
         if isinstance(result, Completion):
             text, finish = result.choices[0].text, result.choices[0].finish_reason
         else:
             assert isinstance(result, ChatCompletion)
             text = result.choices[0].message.content or ""
+            thinking = result.choices[0].message.reasoning or ""
             finish = result.choices[0].finish_reason
-        return JSONResponse(self.final(text, finish), headers=headers)
+        return JSONResponse(self.final(text, finish, thinking), headers=headers)
 
 
 def _line(data: dict[str, Any]) -> bytes:
@@ -184,7 +195,10 @@ async def chat(
     for i, m in enumerate(body.messages):
         _no_images(m.images, f"messages[{i}].images")
     fields = _fields(body)
-    fields["messages"] = [{"role": m.role, "content": m.content} for m in body.messages]
+    fields["messages"] = [
+        {"role": m.role, "content": m.content, "reasoning_content": m.thinking}
+        for m in body.messages
+    ]
     if body.tools:
         fields["tools"] = body.tools
     job = await service.start(ChatCompletionRequest.model_validate(fields), caller_of(request, key))

@@ -30,7 +30,8 @@ async def health(models: ModelsDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
-@router.api_route("/", methods=["GET", "HEAD"])
+@router.head("/", include_in_schema=False)  # Claude Code's connectivity check
+@router.get("/")
 async def root() -> dict[str, Any]:
     """What this is, for whoever opens the address in a browser (open, like /health:
     it names no model)."""
@@ -44,7 +45,8 @@ async def root() -> dict[str, Any]:
     }
 
 
-@router.api_route("/api/hello", methods=["GET", "HEAD"])
+@router.head("/api/hello", include_in_schema=False)
+@router.get("/api/hello")
 async def hello() -> dict[str, Any]:
     """Claude Code's connectivity probe (open, like `/`)."""
     return {"status": "ok"}

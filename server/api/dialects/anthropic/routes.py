@@ -139,4 +139,4 @@ async def messages(
 async def count_tokens(request: Request, chat: ChatDep) -> dict[str, Any]:
     body = await parse(request, CountTokensRequest)
     conv = to_chat(body)
-    return {"input_tokens": await chat.count_tokens(_chat_request(conv))}
+    return {"input_tokens": len(await chat.prompt_tokens(_chat_request(conv)))}
