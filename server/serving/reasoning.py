@@ -100,6 +100,7 @@ class ReasoningSplitter:
         self.fmt = fmt
         self.state: Literal["start", "inside", "done"] = "inside" if inside else "start"
         self._buf = ""
+        self._lead = True  # drop the whitespace that opens the thinking
         self._strip = False  # drop the whitespace between the close tag and the answer
 
     def push(self, text: str) -> tuple[str, str]:
@@ -113,7 +114,7 @@ class ReasoningSplitter:
             head = self._buf.lstrip()
             if head.startswith(self.fmt.open):
                 self.state = "inside"
-                self._buf = head[len(self.fmt.open) :].lstrip("\n")
+                self._buf = head[len(self.fmt.open) :]
             elif self.fmt.open.startswith(head):
                 return "", ""  # nothing yet, or the start of the tag
             else:
@@ -122,6 +123,9 @@ class ReasoningSplitter:
         return self._inside()
 
     def _inside(self) -> tuple[str, str]:
+        if self._lead:
+            self._buf = self._buf.lstrip()
+            self._lead = not self._buf
         close = self.fmt.close
         at = self._buf.find(close)
         if at >= 0:

@@ -52,7 +52,11 @@ class FakeHandle:
                         s.stopped = True
                     outs.append(
                         SeqOutput(
-                            text=text, token_ids=[ord(reply[step])], finish_reason=reason, **base
+                            text=text,
+                            token_ids=[ord(reply[step])],
+                            finish_reason=reason,
+                            stop_string=s.matched,
+                            **base,
                         )
                     )
                 if outs:

@@ -216,7 +216,9 @@ def to_chat(body: MessagesBase) -> Converted:
         raise BadRequestError("messages: at least one message is required", param="messages")
     tools = _tools(body, ignored)
     choice, single = _tool_choice(body.tool_choice, bool(tools))
-    chat: dict[str, Any] = {"model": body.model, "messages": messages}
+    # No middle-out by default: an agent needs "prompt is too long" to compact its history,
+    # not a conversation with its middle silently gone (a client may still ask for it).
+    chat: dict[str, Any] = {"model": body.model, "messages": messages, "transforms": []}
     if tools:
         chat["tools"] = tools
     if choice is not None:
