@@ -8,6 +8,12 @@ itself (llama-server, `python -m llama_cpp.server`) and prints ratios from one r
     scripts/bench.py --hostler --llama-server ~/cache/llama-server --slots 8
     scripts/bench.py --url http://127.0.0.1:8000/v1 --name mine
 
+Claude Code's first two turns on /v1/messages (a ~20k-token request of Claude Code's
+shape, whose billing-line nonce changes each turn): time to first token of each, so
+turn 2 shows whether turn 1's prefix was reused (use a model with a 32k context):
+
+    scripts/bench.py --hostler --ctx 32768 --slots 2 --rounds 1 --scenarios claude-code
+
 Long-chat scenarios (prompt caches), against llama-server with and without
 `--cache-reuse 256`, on 2 slots:
 
@@ -153,6 +159,43 @@ async def sample_turns(
     return {f"TTFT turns 2-{args.turns} ms": 1000 * statistics.mean(ttfts[1:])}
 
 
+# -- Claude Code: two turns of an agent session on /v1/messages ---------------------
+
+CLAUDE_CODE_BODY = ROOT / "tests" / "e2e" / "data" / "claude_code_request.json"
+
+
+async def _messages_ttft(client: httpx.AsyncClient, t: Target, body: dict[str, Any]) -> float:
+    """Seconds to the first content delta of a streamed /v1/messages request."""
+    start = time.perf_counter()
+    async with client.stream("POST", t.url + "/messages", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and '"content_block_delta"' in line:
+                ttft = time.perf_counter() - start
+                break
+        else:
+            raise RuntimeError(f"{t.name}: no content in the reply")
+    return ttft
+
+
+async def sample_claude_code(
+    client: httpx.AsyncClient, t: Target, args: argparse.Namespace, round_no: int
+) -> Sample:
+    """Turn 1 cold (the round's own system prompt), then turn 2: turn 1's request plus a
+    reply and a new question, with a new billing nonce, as Claude Code sends it."""
+    body = json.loads(CLAUDE_CODE_BODY.read_text())
+    body.update(model=t.model, max_tokens=args.tokens, temperature=0)
+    body["system"][1]["text"] = f"[session {round_no} {time.time()}] " + body["system"][1]["text"]
+    first = await _messages_ttft(client, t, body)
+    body["system"][0]["text"] = body["system"][0]["text"].replace("cch=a5145", "cch=9f3c1")
+    body["messages"] += [
+        {"role": "assistant", "content": [{"type": "text", "text": "Hello!"}]},
+        {"role": "user", "content": [{"type": "text", "text": "Now say it in French."}]},
+    ]
+    second = await _messages_ttft(client, t, body)
+    return {"claude-code TTFT turn 1 ms": 1000 * first, "claude-code TTFT turn 2 ms": 1000 * second}
+
+
 # -- long chats: the prompt-cache scenarios -------------------------------------------
 
 CARD = (
@@ -280,6 +323,8 @@ def run_rounds(targets: list[Target], args: argparse.Namespace) -> dict[str, lis
                             got = await sample_trimmed(client, t, args, i)
                         elif kind == "rotating":
                             got = await sample_rotating(client, t, args, i)
+                        elif kind == "claude-code":
+                            got = await sample_claude_code(client, t, args, i)
                         else:
                             got = await sample_turns(client, t, args, i)
                         print(f"{t.name} {got}", file=sys.stderr)
@@ -375,7 +420,7 @@ def main() -> int:
         "--scenarios",
         type=lambda s: s.split(","),
         default=["single", "aggregate", "turns"],
-        help="comma list of: single, aggregate, turns, trimmed, rotating, restart",
+        help="comma list of: single, aggregate, turns, trimmed, rotating, restart, claude-code",
     )
     p.add_argument("--window", type=int, default=9, help="trimmed: exchanges kept")
     p.add_argument("--trimmed-turns", type=int, default=6, help="trimmed: turns measured")

@@ -755,6 +755,7 @@ def merge_steps(steps: list[list[SeqOutput]]) -> list[SeqOutput]:
             m.finish_reason = o.finish_reason or m.finish_reason
             m.error = o.error or m.error
             m.note = o.note or m.note
+            m.stop_string = o.stop_string or m.stop_string
             m.prompt_tokens = o.prompt_tokens
             m.cached_tokens = o.cached_tokens
             m.completion_tokens = o.completion_tokens

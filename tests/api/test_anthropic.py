@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anthropic
 import pytest
+from fastapi.testclient import TestClient
 
-from tests.api.conftest import Api, make_api
-from tests.api.fake_engine import REPLY
+from server.api import create_app
+from server.config import load_settings
+from tests.api.conftest import MODELS_YAML, Api, make_api, wait_until_loaded
+from tests.api.fake_engine import REPLY, FakeEngine
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 WEATHER = {
@@ -25,8 +29,6 @@ HI = [{"role": "user", "content": "Hi"}]
 @pytest.fixture
 def big(tmp_path: Path) -> Iterator[Api]:
     """A fake model with a context large enough for tool prompts."""
-    text = (tmp_path / "models.yaml").read_text() if (tmp_path / "models.yaml").exists() else ""
-    assert not text
     gen = make_api(tmp_path, max_models=3)
     api = next(gen)
     api.engine.info = type(api.engine.info)(**{**api.engine.info.__dict__, "n_ctx": 4096})
@@ -391,3 +393,49 @@ def test_also_under_api_v1(api: Api) -> None:
 def test_prewarm_with_zero_max_tokens(api: Api) -> None:
     m = create(api, False, max_tokens=0)
     assert m.content == [] and m.usage.output_tokens == 0 and m.stop_reason == "max_tokens"
+
+
+def test_a_stream_waiting_for_its_model_gets_pings(tmp_path: Path) -> None:
+    f = tmp_path / "models.yaml"
+    f.write_text(MODELS_YAML)
+    (tmp_path / "other.gguf").write_bytes(b"GGUF")
+    s, models = load_settings({"models_file": f, "model": "fake", "keepalive": 0.1})
+    gate = threading.Event()
+
+    def loader(model_id: str) -> FakeEngine:
+        if model_id == "other":
+            gate.wait(10)
+        return FakeEngine()
+
+    app = create_app(s, models, loader=loader, check=lambda _m: None)
+    with TestClient(app, base_url="http://localhost") as client:
+        wait_until_loaded(client)
+        body = {"model": "other", "max_tokens": 50, "messages": HI, "stream": True}
+        threading.Timer(0.5, gate.set).start()
+        with client.stream("POST", "/v1/messages", json=body) as r:
+            assert r.status_code == 200
+            raw = r.read().decode()
+        assert raw.index("event: ping") < raw.index("event: message_start")
+        assert raw.rstrip().endswith('data: {"type":"message_stop"}')
+        assert "[DONE]" not in raw
+        # An error found after the load comes as an error event.
+        bad = {**body, "model": "other", "messages": [{"role": "user", "content": "x" * 300}]}
+        client.post("/v1/models/other/unload")
+        with client.stream("POST", "/v1/messages", json=bad) as r:
+            raw = r.read().decode()
+        if r.status_code == 200:
+            assert "event: error" in raw and "prompt is too long" in raw
+        else:
+            assert r.status_code == 400
+
+
+def test_engine_failure_mid_stream_is_an_error_event(api: Api) -> None:
+    api.engine.fail_at = 3
+    full = {"model": "fake", "max_tokens": 100, "messages": HI, "stream": True}
+    with api.client.stream("POST", "/v1/messages", json=full) as r:
+        raw = r.read().decode().replace("\r\n", "\n")
+    assert "event: error" in raw
+    error = json.loads(raw.split("event: error\ndata: ", 1)[1].split("\n", 1)[0])
+    assert error["type"] == "error" and error["error"]["type"] == "api_error"
+    with pytest.raises(anthropic.InternalServerError):
+        create(api, False)

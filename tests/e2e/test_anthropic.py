@@ -66,7 +66,10 @@ def test_tool_round_trip(claude: anthropic.Anthropic) -> None:
                                       "content": "Sunny, 21 C"}]},
     ]  # fmt: skip
     with claude.messages.stream(
-        model="smollm2-135m", max_tokens=30, messages=msgs, tools=[tool]  # type: ignore[arg-type]
+        model="smollm2-135m",
+        max_tokens=30,
+        messages=msgs,
+        tools=[tool],  # type: ignore[arg-type]
     ) as s:
         final = s.get_final_message()
     assert final.stop_reason in ("end_turn", "max_tokens", "tool_use")
