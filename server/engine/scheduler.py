@@ -329,6 +329,8 @@ class LlamaEngine:
                 log.exception("could not start a sequence")
                 self._deliver([(seq, self._finish(seq, "error", str(exc)))])
                 continue
+            if not seq.request.announce:
+                continue
             # Admitted: the caller learns the prompt and cached counts before the prefill
             # (Anthropic's message_start carries them; a long prefill sends nothing else).
             admitted = SeqOutput(

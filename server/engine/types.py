@@ -76,6 +76,9 @@ class GenerationRequest:
     """Phrases the text must never contain (rewound and resampled when one forms)."""
     thinking: ThinkingBudget | None = None
     """Close the model's thinking once it has used this many tokens."""
+    announce: bool = False
+    """Send an empty output (prompt and cached counts) when a slot is found, before the
+    prefill: Anthropic's message_start carries those counts."""
 
 
 @dataclass(frozen=True)

@@ -64,8 +64,9 @@ def chat_logprobs(items: list[EngineLogprob] | None) -> ChoiceLogprobs | None:
 class ChatPiece:
     """One choice's share of one engine step, split into thinking, answer and calls.
 
-    Every engine output gives one piece, even an empty one (the first comes when the
-    request is admitted, before its prefill: usage then holds the prompt counts)."""
+    Every engine output gives one piece, even an empty one (with `announce`, the first
+    comes when the request is admitted, before its prefill: usage then holds the prompt
+    counts)."""
 
     index: int
     content: str = ""
@@ -233,7 +234,12 @@ class ChatService:
         self.completions = completions
 
     async def start(
-        self, request: ChatCompletionRequest, caller: Caller, *, cap_max_tokens: bool = False
+        self,
+        request: ChatCompletionRequest,
+        caller: Caller,
+        *,
+        cap_max_tokens: bool = False,
+        announce: bool = False,
     ) -> ChatJob | CompletionJob:
         """Check everything that can fail up front, then queue the request in the engine.
 
@@ -262,6 +268,7 @@ class ChatService:
                 bans=bans,
                 thinking=reasoning.engine_budget(served.engine),
                 cap_max_tokens=cap_max_tokens,
+                announce=announce,
             ),
             caller,
         )

@@ -182,6 +182,7 @@ class Submission:
     bans: BanList | None = None
     thinking: ThinkingBudget | None = None
     cap_max_tokens: bool = False  # max_tokens beyond the context is cut, not refused
+    announce: bool = False  # an empty output on admission, before the prefill
 
 
 class JobFactory:
@@ -283,6 +284,7 @@ class JobFactory:
                 render_special=sub.render_special,
                 bans=sub.bans,
                 thinking=sub.thinking,
+                announce=sub.announce,
             )
         )
         record = GenerationRecord(

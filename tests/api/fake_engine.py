@@ -24,8 +24,10 @@ class FakeHandle:
         streams = [TextStream(req.stop) for _ in range(req.n)]
         reply = self.engine.reply
         try:
-            # Admitted: prompt and cached counts come first, as from the real engine.
-            yield [SeqOutput(index=i, prompt_tokens=len(req.prompt_tokens)) for i in range(req.n)]
+            if req.announce:  # admitted: prompt and cached counts first, as the real engine
+                yield [
+                    SeqOutput(index=i, prompt_tokens=len(req.prompt_tokens)) for i in range(req.n)
+                ]
             for step in range(len(reply) + 1):
                 await asyncio.sleep(self.engine.delay)
                 outs = []

@@ -217,7 +217,7 @@ def test_system_messages_mid_conversation_and_prefill(api: Api) -> None:
     assert m.stop_reason == "end_turn"
     prompt = "".join(chr(t) for t in api.engine.requests[-1].prompt_tokens[1:])
     assert prompt.endswith("<|im_start|>assistant\n{")  # prefill continued
-    assert prompt.count("<|im_start|>user") == 1 and "Be brief." in prompt
+    assert prompt.count("<|im_start|>user") == 1 and "<system>\nBe brief.\n</system>" in prompt
 
 
 def test_thinking_in_history_is_accepted(api: Api) -> None:

@@ -104,7 +104,7 @@ def _messages(body: MessagesBase, ignored: list[str]) -> list[dict[str, Any]]:
         where = f"messages.{i}.content"
         role = "user" if m.role == "system" else m.role  # mid-conversation system: a user turn
         if isinstance(m.content, str):
-            _add(out, role, m.content)
+            _add(out, role, _as_system(m.content) if m.role == "system" else m.content)
             continue
         texts: list[str] = []
         calls: list[dict[str, Any]] = []
@@ -136,10 +136,15 @@ def _messages(body: MessagesBase, ignored: list[str]) -> list[dict[str, Any]]:
                 texts.append(_text_of([b], f"{where}.{j}", ignored))
         text = "\n".join(t for t in texts if t)
         if m.role == "system":
-            text = f"<system>\n{text}\n</system>" if text else ""
+            text = _as_system(text)
         if text or calls or thinking or not m.content:
             _add(out, role, text, calls, "\n".join(thinking))
     return out
+
+
+def _as_system(text: str) -> str:
+    """A mid-conversation system message, marked as such inside the user turn."""
+    return f"<system>\n{text}\n</system>" if text else ""
 
 
 def _add(

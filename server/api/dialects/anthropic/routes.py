@@ -65,10 +65,10 @@ def _ping() -> ServerSentEvent:
 
 
 async def _start(
-    chat: ChatService, conv: Converted, caller: Caller
+    chat: ChatService, conv: Converted, caller: Caller, stream: bool
 ) -> tuple[ChatJob, ChatCompletionRequest]:
     request = _chat_request(conv)
-    job = await chat.start(request, caller, cap_max_tokens=True)
+    job = await chat.start(request, caller, cap_max_tokens=True, announce=stream)
     if not isinstance(job, ChatJob):  # messages are always there
         job.cancel()
         raise BadRequestError("messages: at least one message is required", param="messages")
@@ -90,7 +90,7 @@ async def messages(
     caller = caller_of(request, key)
     stream = bool(body.stream)
     if not stream:
-        job, chat_request = await _start(chat, conv, caller)
+        job, chat_request = await _start(chat, conv, caller, False)
         reply = Reply(job, conv, chat_request.stop_list)
         message = await until_disconnected(request, reply.message())
         if message is None:
@@ -100,7 +100,7 @@ async def messages(
     headers: dict[str, str] = {}
     if not models.needs_load(body.model):
         # Loaded: everything that can fail does so before the stream, as a real 4xx.
-        job, chat_request = await _start(chat, conv, caller)
+        job, chat_request = await _start(chat, conv, caller, True)
         started.append(job)
         headers = _headers(job, conv)
 
@@ -109,7 +109,7 @@ async def messages(
             job, stops = started[0], _chat_request(conv).stop_list
         else:  # the model loads first: pings flow meanwhile, errors come as an event
             try:
-                job, chat_request = await _start(chat, conv, caller)
+                job, chat_request = await _start(chat, conv, caller, True)
             except HostlerError as exc:
                 yield anthropic_body(exc)
                 return
