@@ -357,7 +357,10 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
         if proc.poll() is not None:
             raise SystemExit(f"server exited: {proc.args}")
         try:
-            if httpx.get(url + "/models", timeout=2).status_code == 200:
+            # /health is 503 while the model loads (Hostler, llama-server); 404 where a
+            # server has none.
+            health = httpx.get(url.removesuffix("/v1") + "/health", timeout=2).status_code
+            if httpx.get(url + "/models", timeout=2).status_code == 200 and health != 503:
                 return
         except httpx.HTTPError:
             pass

@@ -439,3 +439,17 @@ def test_engine_failure_mid_stream_is_an_error_event(api: Api) -> None:
     assert error["type"] == "error" and error["error"]["type"] == "api_error"
     with pytest.raises(anthropic.InternalServerError):
         create(api, False)
+
+
+def test_forbidden_origin_and_rate_limit_in_anthropic_shape(tmp_path: Path) -> None:
+    keys = [{"name": "one", "key": "sekrit-key-1", "requests_per_minute": 1}]
+    gen = make_api(tmp_path, keys=keys)
+    api = next(gen)
+    body = {"model": "fake", "max_tokens": 5, "messages": HI}
+    headers = {"x-api-key": "sekrit-key-1"}
+    r = api.client.post("/v1/messages", json=body, headers={**headers, "origin": "http://evil"})
+    assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+    assert api.client.post("/v1/messages", json=body, headers=headers).status_code == 200
+    r = api.client.post("/v1/messages", json=body, headers=headers)
+    assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+    next(gen, None)
