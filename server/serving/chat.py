@@ -91,8 +91,15 @@ class _Split:
         reasoning, content = ("", o.text) if self.thinking is None else self.thinking.push(o.text)
         if self.tools is not None and content:
             content = self.tools.push(content)
-        p = ChatPiece(o.index, content, reasoning, o.finish_reason, None, o.note, o.stop_string)
-        p.logprobs = o.logprobs
+        p = ChatPiece(
+            o.index,
+            content,
+            reasoning,
+            o.finish_reason,
+            note=o.note,
+            stop_string=o.stop_string,
+            logprobs=o.logprobs,
+        )
         if o.finish_reason is not None:
             self._finish(p)
         return p

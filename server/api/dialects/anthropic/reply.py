@@ -134,7 +134,7 @@ class Reply:
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """Every event as a dict whose `type` is also its SSE event name."""
-        blocks = _Blocks(self)
+        blocks = _Blocks()
         started = False
         try:
             async for p in self.job.pieces():
@@ -180,7 +180,7 @@ class Reply:
 class _Blocks:
     """The open content block of a stream, and the next block's index."""
 
-    def __init__(self, reply: Reply) -> None:
+    def __init__(self) -> None:
         self.index = -1
         self.kind: str | None = None
         self.thought = ""  # the open thinking block's text, for its signature

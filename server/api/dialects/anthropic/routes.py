@@ -64,19 +64,16 @@ def _ping() -> ServerSentEvent:
     return ServerSentEvent(event="ping", data='{"type":"ping"}')
 
 
-async def _start(
-    chat: ChatService, conv: Converted, caller: Caller, stream: bool
-) -> tuple[ChatJob, ChatCompletionRequest]:
-    request = _chat_request(conv)
-    job = await chat.start(request, caller, cap_max_tokens=True, announce=stream)
+async def _start(chat: ChatService, conv: Converted, caller: Caller, stream: bool) -> ChatJob:
+    job = await chat.start(_chat_request(conv), caller, cap_max_tokens=True, announce=stream)
     if not isinstance(job, ChatJob):  # messages are always there
         job.cancel()
         raise BadRequestError("messages: at least one message is required", param="messages")
-    return job, request
+    return job
 
 
-def _headers(job: ChatJob | None, conv: Converted) -> dict[str, str]:
-    names = [*(job.ignored if job else []), *(header_safe(n) for n in conv.ignored)]
+def _headers(job: ChatJob, conv: Converted) -> dict[str, str]:
+    names = [*job.ignored, *(header_safe(n) for n in conv.ignored)]
     ignored = list(dict.fromkeys(names))[:MAX_IGNORED_NAMES]
     return {"X-Hostler-Ignored-Params": ",".join(ignored)} if ignored else {}
 
@@ -88,11 +85,10 @@ async def messages(
     body = await parse(request, MessagesRequest)
     conv = to_chat(body)
     caller = caller_of(request, key)
-    stream = bool(body.stream)
-    if not stream:
-        job, chat_request = await _start(chat, conv, caller, False)
-        reply = Reply(job, conv, chat_request.stop_list)
-        message = await until_disconnected(request, reply.message())
+    stops = body.stop_sequences or []
+    if not body.stream:
+        job = await _start(chat, conv, caller, False)
+        message = await until_disconnected(request, Reply(job, conv, stops).message())
         if message is None:
             return Response(status_code=499)
         return JSONResponse(message.model_dump(), headers=_headers(job, conv))
@@ -100,22 +96,17 @@ async def messages(
     headers: dict[str, str] = {}
     if not models.needs_load(body.model):
         # Loaded: everything that can fail does so before the stream, as a real 4xx.
-        job, chat_request = await _start(chat, conv, caller, True)
-        started.append(job)
-        headers = _headers(job, conv)
+        started.append(await _start(chat, conv, caller, True))
+        headers = _headers(started[0], conv)
 
     async def events() -> AsyncIterator[dict[str, Any]]:
-        if started:
-            job, stops = started[0], _chat_request(conv).stop_list
-        else:  # the model loads first: pings flow meanwhile, errors come as an event
+        if not started:  # the model loads first: pings flow meanwhile, errors are events
             try:
-                job, chat_request = await _start(chat, conv, caller, True)
+                started.append(await _start(chat, conv, caller, True))
             except HostlerError as exc:
                 yield anthropic_body(exc)
                 return
-            started.append(job)
-            stops = chat_request.stop_list
-        async for event in Reply(job, conv, stops).events():
+        async for event in Reply(started[0], conv, stops).events():
             yield event
 
     def cancel() -> None:
