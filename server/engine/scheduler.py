@@ -520,11 +520,12 @@ class LlamaEngine:
         if seq.tracker is not None:
             seq.snapshots[position] = seq.sampler.snapshot()
         try:
-            if seq.forced and seq.sampler.allows(seq.forced[0]):
+            if seq.forced and not seq.sampler.allows(seq.forced[0]):
+                seq.forced.clear()  # a grammar that does not allow the close tag wins
+            if seq.forced:
                 token, logprob = seq.forced.pop(0), None
                 seq.sampler.accept(token)
             else:
-                seq.forced.clear()  # a grammar that does not allow the close tag wins
                 token, logprob = seq.sampler.sample(idx, position, banned)
         except GrammarDeadEnd as exc:
             # A finished document whose end was banned ends here; otherwise the bans
