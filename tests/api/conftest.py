@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +142,26 @@ def make_api(tmp_path: Path, **overrides: Any) -> Iterator[Api]:
     with TestClient(app, base_url="http://localhost") as client:
         wait_until_loaded(client)
         yield Api(client, engines)
+
+
+@contextmanager
+def slow_model_app(tmp_path: Path, gate: threading.Event) -> Iterator[TestClient]:
+    """An app whose model `other` (downloaded, not loaded) loads only once `gate` is set;
+    keep-alive comments or pings every 0.1 s."""
+    f = tmp_path / "models.yaml"
+    f.write_text(MODELS_YAML)
+    (tmp_path / "other.gguf").write_bytes(b"GGUF")  # downloaded, so it can load
+    s, models = load_settings({"models_file": f, "model": "fake", "keepalive": 0.1})
+
+    def loader(model_id: str) -> FakeEngine:
+        if model_id == "other":
+            gate.wait(10)
+        return FakeEngine()
+
+    app = create_app(s, models, loader=loader, check=lambda _m: None)
+    with TestClient(app, base_url="http://localhost") as client:
+        wait_until_loaded(client)
+        yield client
 
 
 def wait_until_loaded(client: TestClient, timeout: float = 10.0) -> None:

@@ -10,12 +10,9 @@ from typing import Any
 
 import anthropic
 import pytest
-from fastapi.testclient import TestClient
 
-from server.api import create_app
-from server.config import load_settings
-from tests.api.conftest import MODELS_YAML, Api, make_api, wait_until_loaded
-from tests.api.fake_engine import REPLY, FakeEngine
+from tests.api.conftest import Api, make_api, slow_model_app
+from tests.api.fake_engine import REPLY
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 WEATHER = {
@@ -396,27 +393,16 @@ def test_prewarm_with_zero_max_tokens(api: Api) -> None:
 
 
 def test_a_stream_waiting_for_its_model_gets_pings(tmp_path: Path) -> None:
-    f = tmp_path / "models.yaml"
-    f.write_text(MODELS_YAML)
-    (tmp_path / "other.gguf").write_bytes(b"GGUF")
-    s, models = load_settings({"models_file": f, "model": "fake", "keepalive": 0.1})
     gate = threading.Event()
-
-    def loader(model_id: str) -> FakeEngine:
-        if model_id == "other":
-            gate.wait(10)
-        return FakeEngine()
-
-    app = create_app(s, models, loader=loader, check=lambda _m: None)
-    with TestClient(app, base_url="http://localhost") as client:
-        wait_until_loaded(client)
+    with slow_model_app(tmp_path, gate) as client:
         body = {"model": "other", "max_tokens": 50, "messages": HI, "stream": True}
         threading.Timer(0.5, gate.set).start()
         with client.stream("POST", "/v1/messages", json=body) as r:
             assert r.status_code == 200
             raw = r.read().decode()
         assert raw.index("event: ping") < raw.index("event: message_start")
-        assert raw.rstrip().endswith('data: {"type":"message_stop"}')
+        named = [line for line in raw.splitlines() if line.startswith("event: ")]
+        assert [n for n in named if n != "event: ping"][-1] == "event: message_stop"
         assert "[DONE]" not in raw
         # An error found after the load comes as an error event.
         bad = {**body, "model": "other", "messages": [{"role": "user", "content": "x" * 300}]}

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from server.api import create_app
 from server.config import load_settings
-from tests.api.conftest import MODELS_YAML, Api, make_api, wait_until_loaded
+from tests.api.conftest import MODELS_YAML, Api, make_api, slow_model_app, wait_until_loaded
 from tests.api.fake_engine import FakeEngine
 
 GIB = 2**30
@@ -171,20 +171,8 @@ def single(tmp_path: Path) -> Iterator[Api]:
 
 
 def test_a_stream_waiting_for_its_model_gets_processing_comments(tmp_path: Path) -> None:
-    f = tmp_path / "models.yaml"
-    f.write_text(MODELS_YAML)
-    (tmp_path / "other.gguf").write_bytes(b"GGUF")  # downloaded, so it can load
-    s, models = load_settings({"models_file": f, "model": "fake", "keepalive": 0.1})
     gate = threading.Event()
-
-    def loader(model_id: str) -> FakeEngine:
-        if model_id == "other":
-            gate.wait(10)
-        return FakeEngine()
-
-    app = create_app(s, models, loader=loader, check=lambda _m: None)
-    with TestClient(app, base_url="http://localhost") as client:
-        wait_until_loaded(client)
+    with slow_model_app(tmp_path, gate) as client:
         body = {"model": "other", "messages": [{"role": "user", "content": "Hi"}]}
         threading.Timer(0.5, gate.set).start()
         with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
