@@ -106,3 +106,30 @@ def test_ollama_thinking(api: Api, stream: bool) -> None:
     assert "I should greet." not in r.text
     assert api.engine.requests[-1].thinking is not None
     assert api.engine.requests[-1].thinking.tokens == 0
+
+
+def test_hostile_reasoning_fields_are_400(api: Api) -> None:
+    bad: list[dict[str, Any]] = [
+        {"reasoning": {"max_tokens": 10**12}},
+        {"reasoning": {"max_tokens": -1}},
+        {"reasoning": {"effort": "maximum"}},
+        {"reasoning_effort": 5},
+        {"chat_template_kwargs": {f"k{i}": i for i in range(1000)}},
+        {"chat_template_kwargs": {"enable_thinking": {"nested": [1, 2, 3]}}},
+        {"include_reasoning": "sometimes"},
+    ]
+    for extra in bad:
+        r = api.client.post("/v1/chat/completions", json={"model": "fake", "messages": HI, **extra})
+        assert r.status_code == 400, extra
+    r = api.client.post(
+        "/v1/messages",
+        json={"model": "fake", "max_tokens": 5, "messages": HI,
+              "thinking": {"type": "enabled", "budget_tokens": -5}},
+    )  # fmt: skip
+    assert r.status_code == 400 and r.json()["type"] == "error"
+    r = api.client.post(
+        "/v1/messages",
+        json={"model": "fake", "max_tokens": 5, "messages": HI, "thinking": {"type": "sometimes"}},
+    )
+    assert r.status_code == 400
+    assert api.engine.requests == []
