@@ -157,14 +157,3 @@ class AnthropicMessage(BaseModel):
     stop_reason: str | None
     stop_sequence: str | None = None
     usage: AnthropicUsage
-
-
-class ModelInfo(BaseModel):
-    """One entry of GET /v1/models as the Anthropic SDK reads it (beside OpenAI's fields)."""
-
-    type: Literal["model"] = "model"
-    id: str
-    display_name: str
-    created_at: str
-    max_input_tokens: int | None = None
-    max_tokens: int | None = None
