@@ -50,6 +50,11 @@ class Settings(BaseSettings):
         description="Model names (glob patterns) that mean the default model: Claude Code"
         " names claude-* models for its side requests. Any other unknown name is a 404.",
     )
+    embedding_model: str | None = Field(
+        None,
+        description="Embedding model for requests that name none (or a chat model) on the"
+        " embedding routes; default: the first `embedding: true` entry that is downloaded.",
+    )
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
     api_key: str | None = Field(

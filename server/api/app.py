@@ -23,7 +23,7 @@ from server.api.dialects.anthropic import routes as anthropic
 from server.api.guard import Guard
 from server.api.keys import KeyRing
 from server.api.metrics import CONTENT_TYPE, CountRequests, Metrics
-from server.api.routes import chat, completions, health, models, openrouter
+from server.api.routes import chat, completions, embeddings, health, models, openrouter
 from server.config import Settings
 from server.engine.pool import ModelPool
 from server.engine.types import Engine
@@ -31,6 +31,7 @@ from server.errors import DownloadError
 from server.registry import ModelsFile, Registry, download, local_file
 from server.serving.chat import ChatService
 from server.serving.completions import CompletionService
+from server.serving.embeddings import EmbeddingService
 from server.serving.generations import GenerationLog
 from server.serving.job import JobFactory
 from server.serving.models import ModelService, make_check, make_estimate, make_loader
@@ -66,8 +67,15 @@ def create_app(
             budget_bytes=None if budget is None else int(budget * 2**30),
             pinned=lambda model_id: registry.get(model_id).pinned,
             keep_alive=keep_alive,
+            counted=lambda model_id: not registry.get(model_id).embedding,
         )
-        model_service = ModelService(registry, pool, settings.model, settings.model_fallback)
+        model_service = ModelService(
+            registry,
+            pool,
+            settings.model,
+            settings.model_fallback,
+            embedding_model=settings.embedding_model,
+        )
         generations = GenerationLog()
         metrics = Metrics(lambda: pool)
         generations.listeners.append(metrics.generation)
@@ -77,6 +85,7 @@ def create_app(
         jobs = JobFactory(model_service, generations)
         app.state.completions = CompletionService(jobs)
         app.state.chat = ChatService(jobs, app.state.completions)
+        app.state.embeddings = EmbeddingService(model_service)
         reaper = asyncio.ensure_future(_reap(pool))
         startup = None
         if settings.model:
@@ -128,6 +137,7 @@ def create_app(
     api = APIRouter(dependencies=[Depends(require_key)])
     api.include_router(chat.router)
     api.include_router(completions.router)
+    api.include_router(embeddings.router)
     api.include_router(models.router)
     api.include_router(openrouter.router)
     api.include_router(anthropic.router)

@@ -15,6 +15,7 @@ from server.api.keys import KeyRing, KeyState
 from server.config import Settings
 from server.serving.chat import ChatService
 from server.serving.completions import CompletionService
+from server.serving.embeddings import EmbeddingService
 from server.serving.generations import GenerationLog
 from server.serving.models import ModelService
 
@@ -34,6 +35,11 @@ async def _completions(request: Request) -> CompletionService:
     return service
 
 
+async def _embeddings(request: Request) -> EmbeddingService:
+    service: EmbeddingService = request.app.state.embeddings
+    return service
+
+
 async def _models(request: Request) -> ModelService:
     service: ModelService = request.app.state.models
     return service
@@ -48,6 +54,7 @@ SettingsDep = Annotated[Settings, Depends(_settings)]
 ChatDep = Annotated[ChatService, Depends(_chat)]
 CompletionsDep = Annotated[CompletionService, Depends(_completions)]
 ModelsDep = Annotated[ModelService, Depends(_models)]
+EmbeddingsDep = Annotated[EmbeddingService, Depends(_embeddings)]
 GenerationsDep = Annotated[GenerationLog, Depends(_generations)]
 
 

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api.dialects.anthropic.errors import anthropic_body, anthropic_status, is_anthropic
+from server.api.guard import is_ollama
 from server.errors import BadRequestError, HostlerError, NotFoundError
 
 log = logging.getLogger("hostler.api")
@@ -21,10 +22,13 @@ _HTTP_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "invali
 
 
 def error_response(exc: HostlerError, path: str = "") -> JSONResponse:
-    """The error as JSON: OpenAI's shape, or Anthropic's on its routes."""
+    """The error as JSON: OpenAI's shape, Anthropic's on its routes, Ollama's
+    `{"error": "message"}` on Ollama's."""
     if is_anthropic(path):
         body = anthropic_body(exc)
         return JSONResponse(body, status_code=anthropic_status(exc), headers=exc.headers)
+    if is_ollama(path):
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
     return JSONResponse(exc.to_body(), status_code=exc.status, headers=exc.headers)
 
 
@@ -76,6 +80,9 @@ def install(app: FastAPI) -> None:
             return error_response(NotFoundError("no such endpoint"), request.url.path)
         if is_anthropic(request.url.path):
             return error_response(BadRequestError(str(exc.detail)), request.url.path)
+        if is_ollama(request.url.path):
+            body = {"error": str(exc.detail)}
+            return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
         body = {
             "error": {
                 "code": exc.status_code,

@@ -29,6 +29,12 @@ from server.errors import (
 OLLAMA_PREFIX = "/api/"
 
 
+def is_ollama(path: str) -> bool:
+    """Ollama's routes (/api/chat, /api/embed, ...), not OpenRouter's /api/v1 nor
+    KoboldCpp's /api/extra: their errors are Ollama's `{"error": "message"}`."""
+    return path.startswith(OLLAMA_PREFIX) and not path.startswith(("/api/v1/", "/api/extra/"))
+
+
 def host_name(value: str) -> str:
     """`Host` header value without its port, lower-cased ('[::1]:8000' -> '[::1]')."""
     value = value.strip().lower()
@@ -139,6 +145,8 @@ async def _send_error(send: Send, exc: HostlerError, path: str = "") -> None:
     if is_anthropic(path):
         body = json.dumps(anthropic_body(exc)).encode()
         status = anthropic_status(exc)
+    elif is_ollama(path):
+        body = json.dumps({"error": exc.message}).encode()
     else:
         body = json.dumps(exc.to_body()).encode()
     headers: list[tuple[bytes, bytes]] = [

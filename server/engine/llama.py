@@ -71,6 +71,19 @@ class ContextOptions:
     main_gpu: int = 0
     tensor_split: tuple[float, ...] = ()
     """Fractions of the model per GPU (layer split); empty: llama.cpp's default."""
+    embeddings: bool = False
+    """An embedding context: every token is output and pooled per sequence."""
+    pooling: str | None = None
+    """mean | cls | last | rank (embedding contexts); None: the GGUF's own."""
+
+
+POOLING: dict[str, int] = {
+    "none": lc.LLAMA_POOLING_TYPE_NONE,
+    "mean": lc.LLAMA_POOLING_TYPE_MEAN,
+    "cls": lc.LLAMA_POOLING_TYPE_CLS,
+    "last": lc.LLAMA_POOLING_TYPE_LAST,
+    "rank": lc.LLAMA_POOLING_TYPE_RANK,
+}
 
 
 class LlamaModel:
@@ -105,6 +118,10 @@ class LlamaModel:
         cparams.no_perf = True
         if options.flash_attn is not None:  # 1 enabled, 0 disabled; default -1 is auto
             cparams.flash_attn_type = 1 if options.flash_attn else 0
+        if options.embeddings:
+            cparams.embeddings = True
+            if options.pooling is not None:
+                cparams.pooling_type = POOLING[options.pooling]
         kv_type = KV_TYPES[options.kv_type]
         cparams.type_k = kv_type
         cparams.type_v = kv_type
@@ -127,6 +144,54 @@ class LlamaModel:
         self.max_token_bytes = longest
         self.eog_ids = np.flatnonzero(self._eog)
         self.info = self._read_info()
+
+    @property
+    def pooling(self) -> str:
+        """The context's pooling (an embedding context's; 'none' otherwise)."""
+        kind = int(lc.llama_pooling_type(self.ctx))
+        return next((name for name, v in POOLING.items() if v == kind), "none")
+
+    def embedding_size(self) -> int:
+        """Floats per pooled output: the vector's size, or a reranker's class count."""
+        if self.pooling == "rank":
+            return max(1, int(lc.llama_model_n_cls_out(self.model)))
+        return int(lc.llama_model_n_embd_out(self.model))
+
+    def rerank_template(self) -> str | None:
+        """The GGUF's rerank prompt (with {query} and {document}), if it has one."""
+        raw = lc.llama_model_chat_template(self.model, b"rerank")
+        return raw.decode("utf-8", errors="replace") if raw else None
+
+    def rerank_pair(self, query: str, document: str) -> list[int]:
+        """A (query, document) pair as a reranker reads it, as llama-server builds it:
+        the GGUF's rerank template, else [BOS] query [EOS] [SEP] document [EOS]."""
+        template = self.rerank_template()
+        if template is not None:
+            text = template.replace("{query}", query).replace("{document}", document)
+            return self.tokenize(text, add_special=False)
+        vocab = self.vocab
+        eos = int(lc.llama_vocab_eos(vocab))
+        if eos < 0:
+            eos = int(lc.llama_vocab_sep(vocab))
+        out: list[int] = []
+        if lc.llama_vocab_get_add_bos(vocab):
+            out.append(int(lc.llama_vocab_bos(vocab)))
+        out += self.tokenize(query, add_special=False, parse_special=False)
+        if lc.llama_vocab_get_add_eos(vocab):
+            out.append(eos)
+        if lc.llama_vocab_get_add_sep(vocab):
+            out.append(int(lc.llama_vocab_sep(vocab)))
+        out += self.tokenize(document, add_special=False, parse_special=False)
+        if lc.llama_vocab_get_add_eos(vocab):
+            out.append(eos)
+        return out
+
+    def pooled(self, seq: int, n: int) -> npt.NDArray[np.float32] | None:
+        """A copy of `seq`'s pooled output of the last decode (`n` floats); None if none."""
+        ptr = lc.llama_get_embeddings_seq(self.ctx, seq)
+        if not ptr:
+            return None
+        return np.ctypeslib.as_array(ptr, shape=(n,)).copy()
 
     # -- metadata -----------------------------------------------------------------
 
@@ -165,6 +230,7 @@ class LlamaModel:
             bos_token=self.special_text(bos) if bos >= 0 else "",
             eos_token=self.special_text(eos) if eos >= 0 else "",
             add_bos=bool(lc.llama_vocab_get_add_bos(self.vocab)),
+            add_eos=bool(lc.llama_vocab_get_add_eos(self.vocab)),
             chat_template=self._meta("tokenizer.chat_template"),
             description=desc.value.decode("utf-8", errors="replace"),
             size_bytes=int(lc.llama_model_size(self.model)),

@@ -53,6 +53,7 @@ class ModelPool:
         budget_bytes: int | None = None,
         pinned: Callable[[str], bool] | None = None,
         keep_alive: Callable[[str], float | None] | None = None,
+        counted: Callable[[str], bool] | None = None,
     ) -> None:
         self._loader = loader
         self._check = check
@@ -61,6 +62,8 @@ class ModelPool:
         self._pinned = pinned or (lambda _m: False)
         self._default_keep = keep_alive or (lambda _m: None)
         self._max = max_models
+        self._counted = counted or (lambda _m: True)
+        """Which models `max_models` counts (embedding models do not: they are small)."""
         self._models: dict[str, Loaded] = {}
         self._lock = asyncio.Lock()
         self._tasks: dict[str, asyncio.Future[Loaded]] = {}
@@ -111,7 +114,7 @@ class ModelPool:
                 f"model '{model_id}' needs about {need / GIB:.1f} GiB (weights + KV cache);"
                 f" the memory budget is {self._budget / GIB:.1f} GiB"
             )
-        evicted = await self._make_room(need)
+        evicted = await self._make_room(need, self._counted(model_id))
         self.loading[model_id] = time.monotonic()
         started = time.monotonic()
         try:
@@ -144,15 +147,23 @@ class ModelPool:
     def _used_bytes(self) -> int:
         return sum(m.bytes for m in self._models.values())
 
-    async def _make_room(self, need: int) -> list[tuple[str, Loaded]]:
+    async def _make_room(self, need: int, counted: bool) -> list[tuple[str, Loaded]]:
         evicted: list[tuple[str, Loaded]] = []
 
-        def full() -> bool:
-            over_budget = self._budget is not None and self._used_bytes() + need > self._budget
-            return len(self._models) >= self._max or over_budget
+        def over_budget() -> bool:
+            return self._budget is not None and self._used_bytes() + need > self._budget
 
-        while self._models and full():
-            idle = [k for k, m in self._models.items() if not m.engine.busy and not self._pinned(k)]
+        def over_count() -> bool:
+            return counted and sum(1 for k in self._models if self._counted(k)) >= self._max
+
+        while self._models and (over_budget() or over_count()):
+            # Too many models: another counted one goes; too little memory: any idle one.
+            anyone = over_budget()
+            idle = [
+                k
+                for k, m in self._models.items()
+                if not m.engine.busy and not self._pinned(k) and (anyone or self._counted(k))
+            ]
             if not idle:
                 raise ServiceUnavailableError(
                     "the loaded models are busy or pinned; cannot load another one now",

@@ -6,6 +6,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+import numpy as np
+import numpy.typing as npt
+
 if TYPE_CHECKING:
     from server.engine.bans import BanList
     from server.engine.thinking import ThinkingBudget
@@ -134,6 +137,12 @@ class ModelInfo:
     """Layers offloaded to the GPU (the output layer counts as one, as in llama.cpp)."""
     kv_bytes: int = 0
     kv_type: str = "f16"
+    add_eos: bool = False
+    """The tokenizer appends EOS/SEP to a text (embedding models: the pooled token)."""
+    pooling: str | None = None
+    """An embedding model's pooling (mean, cls, last, rank); None for a chat model."""
+    n_embd: int = 0
+    """Floats per pooled output (embedding models): the vector's size, 1 for a reranker."""
 
 
 class GenerationHandle(Protocol):
@@ -165,3 +174,18 @@ class Engine(Protocol):
     def busy(self) -> bool: ...
 
     def close(self) -> None: ...
+
+
+class Embedder(Engine, Protocol):
+    """An embedding (or rerank) model: pooled outputs for tokenized inputs.
+
+    `embed` returns one vector per input in input order: L2-normalised for embedding
+    models, a reranker's raw score(s) for rank pooling. Inputs are packed with other
+    requests' into shared decodes; none may be longer than `info.n_ctx`.
+    """
+
+    async def embed(self, inputs: list[list[int]]) -> list[npt.NDArray[np.float32]]: ...
+
+    def pair_tokens(self, query: str, document: str) -> list[int]:
+        """A (query, document) pair as a reranker reads it (rank pooling)."""
+        ...

@@ -9,6 +9,10 @@ from pydantic import BaseModel, Field, model_validator
 
 class Architecture(BaseModel):
     modality: str = "text->text"
+    input_modalities: list[str] = Field(default_factory=lambda: ["text"])
+    output_modalities: list[str] = Field(
+        default_factory=lambda: ["text"], description="`embeddings` for an embedding model."
+    )
     tokenizer: str = "Other"
     instruct_type: str | None = None
 

@@ -208,6 +208,22 @@ class ModelSpec(_Strict):
         description="Phrases this model never writes, on top of each request's own"
         " `banned_strings` (plain text is case-insensitive).",
     )
+    embedding: bool = Field(
+        False,
+        description="An embedding model: served on the embedding and rerank routes"
+        " (/v1/embeddings, /api/embed, /v1/rerank, ...), never for chat; it stays loaded"
+        " beside the chat model (max_models counts chat models only).",
+    )
+    pooling: Literal["mean", "cls", "last", "rank"] | None = Field(
+        None,
+        description="How an embedding model makes one vector of its token vectors (rank:"
+        " a reranker's relevance score); unset: the GGUF's own.",
+    )
+    matryoshka: bool = Field(
+        False,
+        description="Its vectors stay useful cut to their first N numbers (Matryoshka"
+        " training, e.g. nomic-embed-text v1.5): requests may ask for fewer `dimensions`.",
+    )
 
     @field_validator("strip")
     @classmethod
@@ -233,6 +249,19 @@ class ModelSpec(_Strict):
         return v
 
     _keep_alive = field_validator("keep_alive")(durations.checked)
+
+    @model_validator(mode="after")
+    def _embedding_keys(self) -> ModelSpec:
+        if not self.embedding and (self.pooling is not None or self.matryoshka):
+            raise ValueError("pooling and matryoshka are for embedding models (embedding: true)")
+        return self
+
+    @property
+    def kind(self) -> Literal["chat", "embedding", "rerank"]:
+        """What the model is for: chat (text out), embedding (vectors) or rerank (scores)."""
+        if not self.embedding:
+            return "chat"
+        return "rerank" if self.pooling == "rank" else "embedding"
 
     @model_validator(mode="after")
     def _flash_for_quantized_kv(self) -> ModelSpec:

@@ -201,7 +201,7 @@ class JobFactory:
         last: HostlerError | None = None
         for name in names or [None]:
             try:
-                served = await self.models.get(name)
+                served = await self.models.get(name, chat=True)
                 if request.keep_alive is not None:
                     self.models.pool.keep_alive(
                         served.spec.id, durations.seconds(request.keep_alive)

@@ -16,6 +16,7 @@ from server.config import Settings
 from server.engine.pool import ModelPool
 from server.engine.types import Engine
 from server.errors import (
+    BadRequestError,
     HostlerError,
     ModelLoadError,
     ModelNotFoundError,
@@ -44,6 +45,9 @@ SUPPORTED_PARAMETERS = [
     "banned_strings", "preset", "keep_alive", "reasoning", "include_reasoning",
     "reasoning_effort", "chat_template_kwargs",
 ]  # fmt: skip
+
+
+EMBEDDING_PARAMETERS = ["input", "encoding_format", "truncate", "top_n", "return_documents"]
 
 
 @dataclass(frozen=True)
@@ -115,15 +119,44 @@ def context_options(spec: ModelSpec, settings: Settings, path: Path) -> ContextO
     )
 
 
+# Inputs one embedding decode may hold (each its own sequence; llama.cpp allows 256).
+EMBEDDING_SLOTS = 64
+
+
+def embedding_options(spec: ModelSpec, settings: Settings, path: Path) -> ContextOptions:
+    """An embedding model's context: its physical batch is the whole context, so any
+    input that fits the context fits one decode (a non-causal model needs that)."""
+    import dataclasses
+
+    options = context_options(spec, settings, path)
+    return dataclasses.replace(
+        options,
+        slots=min(EMBEDDING_SLOTS, spec.context),
+        n_batch=spec.context,
+        n_ubatch=spec.context,
+        embeddings=True,
+        pooling=spec.pooling,
+    )
+
+
 def make_loader(registry: Registry, settings: Settings) -> Callable[[str], Engine]:
-    """The production loader: find the file, verify it, start a LlamaEngine on it."""
+    """The production loader: find the file, verify it, start a LlamaEngine on it (an
+    EmbeddingEngine for an embedding model)."""
 
     def load(model_id: str) -> Engine:
         from server.engine.cache import open_cache
+        from server.engine.embedding import EmbeddingEngine
         from server.engine.scheduler import LlamaEngine
 
         spec = registry.get(model_id)
         path = _model_file(registry, model_id)
+        if spec.embedding:
+            return EmbeddingEngine(
+                path,
+                embedding_options(spec, settings, path),
+                max_queue=settings.max_queue,
+                batch_tokens=spec.batch_size or settings.batch_size,
+            )
         options = context_options(spec, settings, path)
         cache = open_cache(
             path,
@@ -173,10 +206,13 @@ class ModelService:
         pool: ModelPool,
         default_model: str | None,
         fallback: list[str] | None = None,
+        embedding_model: str | None = None,
     ) -> None:
         self.registry = registry
         self.pool = pool
         self.default_model = default_model
+        self.embedding_model = embedding_model
+        """The model for embedding requests that name none (else the first downloaded)."""
         self.fallback = [p.lower() for p in fallback or []]
         """Names that mean the default model (glob patterns, e.g. claude-*)."""
         self.created = int(time.time())
@@ -188,7 +224,8 @@ class ModelService:
 
     def resolve(self, name: str | None) -> ModelSpec:
         if name and name not in self.registry and self.is_fallback(name):
-            name = self.default_model or next(iter(self.pool.loaded), None)
+            chat = (k for k in self.pool.loaded if not self.registry.get(k).embedding)
+            name = self.default_model or next(chat, None)
             if name is None:
                 raise ModelNotFoundError(
                     "no default model is set for names like this one; start the server with"
@@ -215,8 +252,22 @@ class ModelService:
             return False
         return not self.pool.is_loaded(spec.id) and local_file(spec) is not None
 
-    async def get(self, name: str | None) -> ServedModel:
+    async def get(self, name: str | None, *, chat: bool = False) -> ServedModel:
+        """The model `name` (the default if None), loaded. With `chat`, an embedding
+        model is a 400: it makes vectors, not text."""
         spec = self.resolve(name)
+        if chat and spec.embedding:
+            raise BadRequestError(
+                f"model '{spec.id}' is an embedding model: it makes vectors (POST"
+                " /v1/embeddings), not text; name a chat model",
+                param="model",
+            )
+        engine = await self.engine(spec)
+        return ServedModel(spec, engine, self.template(spec, engine, spec.template))
+
+    async def engine(self, spec: ModelSpec) -> Engine:
+        """`spec`'s engine, loading it first if need be (503 while the start-up model
+        loads)."""
         if self.starting is not None:
             started = self.pool.loading.get(self.starting)
             waited = f" ({time.monotonic() - started:.0f} s so far)" if started else ""
@@ -230,7 +281,50 @@ class ModelService:
             raise  # already a client-facing error (e.g. not downloaded)
         except Exception as exc:
             raise ModelLoadError(f"model '{spec.id}' could not be loaded: {exc}") from exc
-        return ServedModel(spec, engine, self.template(spec, engine, spec.template))
+        return engine
+
+    def resolve_embedding(self, name: str | None, *, rerank: bool = False) -> ModelSpec:
+        """The model for an embedding (or rerank) request: the one named if it is an
+        embedding model, else the default one (SillyTavern's llama.cpp source names no
+        model; Open WebUI may name the chat model). A 400 when there is none."""
+        spec = self._named_embedding(name)
+        if spec is None:
+            spec = self._default_embedding(rerank)
+        if not rerank and spec.kind == "rerank":
+            raise BadRequestError(
+                f"model '{spec.id}' is a reranker: it scores documents (POST /v1/rerank),"
+                " it does not make vectors",
+                param="model",
+            )
+        return spec
+
+    def _named_embedding(self, name: str | None) -> ModelSpec | None:
+        if not name:
+            return None
+        for candidate in (name, name.removesuffix(":latest")):  # Ollama's tag
+            if candidate in self.registry:
+                spec = self.registry.get(candidate)
+                return spec if spec.embedding else None
+        return None
+
+    def _default_embedding(self, rerank: bool) -> ModelSpec:
+        entries = [s for s in self.registry if s.embedding]
+        if rerank:
+            rankers = [s for s in entries if s.kind == "rerank" and local_file(s) is not None]
+            if rankers:
+                return rankers[0]
+        if self.embedding_model:
+            return self.registry.get(self.embedding_model)
+        vectors = [s for s in entries if s.kind == "embedding"]
+        downloaded = [s for s in vectors if local_file(s) is not None]
+        if downloaded or vectors:
+            return (downloaded or vectors)[0]
+        raise BadRequestError(
+            "no embedding model is set up: add an entry with `embedding: true` to"
+            " models.yaml (the packaged registry has smollm2-135m-embed and"
+            " nomic-embed-text-v1.5), or start the server with --embedding-model NAME",
+            param="model",
+        )
 
     def template(self, spec: ModelSpec, engine: Engine, name: str | None) -> ChatTemplate:
         key = (spec.id, name)
@@ -239,8 +333,6 @@ class ModelService:
             try:
                 cached = load_template(name, engine.info.chat_template)
             except TemplateError as exc:
-                from server.errors import BadRequestError
-
                 raise BadRequestError(str(exc), param="template") from exc
             self._templates[key] = cached
         return cached
@@ -250,15 +342,20 @@ class ModelService:
         return await self.pool.unload(self.resolve(name).id)
 
     def status(self) -> list[dict[str, object]]:
-        """What is loaded (and loading), for `hostler ps` and GET /v1/models/status."""
-        return self.pool.status()
+        """What is loaded (and loading), for `hostler ps` and GET /v1/ps: each with its
+        kind (chat, embedding, rerank)."""
+        out = self.pool.status()
+        for entry in out:
+            entry["kind"] = self.registry.get(str(entry["model"])).kind
+        return out
 
     def cards(self, everything: bool = False) -> list[ModelCard]:
         """One card per model (aliases as a field); only those that can load, unless
         `everything` (then `hostler.downloaded` says which)."""
         cards = []
         loaded = self.pool.loaded
-        for spec in self.registry:
+        # Chat models first: SillyTavern and others take the first id as the model.
+        for spec in sorted(self.registry, key=lambda s: s.embedding):
             engine = loaded.get(spec.id)
             downloaded = engine is not None or local_file(spec) is not None
             if downloaded or everything:
@@ -272,6 +369,15 @@ class ModelService:
 
     def _card(self, spec: ModelSpec, engine: Engine | None, downloaded: bool) -> ModelCard:
         ctx = engine.info.n_ctx if engine else spec.context
+        if spec.embedding:
+            output = "embeddings" if spec.kind == "embedding" else "scores"
+            architecture = Architecture(
+                modality=f"text->{output}", instruct_type=None, output_modalities=[output]
+            )
+            parameters = EMBEDDING_PARAMETERS + (["dimensions"] if spec.matryoshka else [])
+        else:
+            architecture = Architecture(instruct_type=spec.template or "gguf")
+            parameters = SUPPORTED_PARAMETERS
         return ModelCard(
             id=spec.id,
             created=self.created,
@@ -281,10 +387,11 @@ class ModelService:
             description=spec.description or "",
             context_length=ctx,
             aliases=list(spec.aliases),
-            architecture=Architecture(instruct_type=spec.template or "gguf"),
+            architecture=architecture,
             top_provider=TopProvider(context_length=ctx),
-            supported_parameters=SUPPORTED_PARAMETERS,
+            supported_parameters=parameters,
             hostler={
+                "kind": spec.kind,
                 "loaded": engine is not None,
                 "loading": spec.id in self.pool.loading,
                 "downloaded": downloaded,

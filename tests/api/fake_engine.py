@@ -121,3 +121,70 @@ class FakeEngine:
 
     def close(self) -> None:
         self.closed = True
+
+
+class FakeEmbedder:
+    """A fake embedding model: a text's vector counts its letters (a..p), normalised; a
+    reranker's score is the number of query words the document shares, minus 1."""
+
+    def __init__(self, n_ctx: int = 64, pooling: str = "mean") -> None:
+        self.info = ModelInfo(
+            n_ctx=n_ctx, n_ctx_train=n_ctx, n_vocab=1000, bos_token="<s>", eos_token="</s>",
+            add_bos=False, chat_template=None, description="fake-embed", size_bytes=0,
+            n_params=0, gpu_offload=False, slots=8, pooling=pooling,
+            n_embd=1 if pooling == "rank" else 16,
+        )  # fmt: skip
+        self.batches: list[list[list[int]]] = []
+        self.delay = 0.0
+        self.active = 0
+        self.closed = False
+
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        return [ord(c) % 1000 for c in text]
+
+    def token_text(self, token_id: int) -> str:
+        return chr(token_id)
+
+    def grammar_error(self, grammar: str) -> str | None:
+        return "an embedding model does not generate text"
+
+    def submit(self, request: GenerationRequest) -> FakeHandle:
+        raise AssertionError("an embedding model got a generation request")
+
+    def pair_tokens(self, query: str, document: str) -> list[int]:
+        return self.tokenize(query, add_special=False) + [0] + self.tokenize(document, add_special=False)
+
+    async def embed(self, inputs: list[list[int]]) -> list[Any]:
+        import numpy as np
+
+        self.batches.append(inputs)
+        self.active += 1
+        try:
+            await asyncio.sleep(self.delay)
+        finally:
+            self.active -= 1
+        out = []
+        for tokens in inputs:
+            if self.info.pooling == "rank":
+                query, _, doc = "".join(map(chr, tokens)).partition("\0")
+                shared = set(query.lower().split()) & set(doc.lower().split())
+                out.append(np.array([len(shared) - 1.0], dtype=np.float32))
+                continue
+            v = np.zeros(16, dtype=np.float32)
+            for t in tokens:
+                c = chr(t).lower()
+                if "a" <= c <= "p":
+                    v[ord(c) - ord("a")] += 1
+            v[15] += 0.5  # never a zero vector
+            out.append(v / np.linalg.norm(v))
+        return out
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "slots": 8, "slots_busy": min(self.active, 8)}
+
+    @property
+    def busy(self) -> bool:
+        return self.active > 0
+
+    def close(self) -> None:
+        self.closed = True

@@ -100,7 +100,7 @@ def test_keep_alive(api: Api) -> None:
     assert keep_alive_seconds(-1) == -1 and keep_alive_seconds("-1") == -1
     body = {"model": "fake", "messages": [{"role": "user", "content": "Hi"}], "stream": False}
     r = api.client.post("/api/chat", json={**body, "keep_alive": "soon"})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "keep_alive"
+    assert r.status_code == 400 and "keep_alive" in r.json()["error"]  # Ollama: a string
     engine = api.engine
     assert api.client.post("/api/chat", json={**body, "keep_alive": 0}).status_code == 200
     deadline = time.monotonic() + 5

@@ -1,6 +1,6 @@
 """KoboldCpp's API, for frontends set to KoboldCpp (SillyTavern, KoboldAI Lite, Agnaistic):
 info routes, token count, `POST /api/v1/generate`, `/api/extra/generate/stream` and
-`/api/extra/abort`. Generation is a text completion on the one CompletionService;
+`/api/extra/abort`, and `/api/extra/embeddings`. Generation is a text completion on the one CompletionService;
 Kobold's sampler names (`rep_pen`, `max_length`, integer `sampler_order`, ...) are read
 by protocol/aliases.py.
 """
@@ -15,12 +15,14 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from server import __version__
-from server.api.deps import CompletionsDep, KeyDep, ModelsDep, SettingsDep
+from server.api.deps import CompletionsDep, EmbeddingsDep, KeyDep, ModelsDep, SettingsDep
 from server.api.dialects.tokens import encode
 from server.api.keys import KeyState
 from server.api.respond import caller_of, until_disconnected
+from server.api.routes.embeddings import extras, finished, json_response, openai_list
 from server.api.sse import sse_response
 from server.protocol.completions import Completion, CompletionRequest, completion_from
+from server.protocol.embeddings import KoboldEmbeddingRequest
 from server.protocol.textgen import KoboldAbort, KoboldGenerateRequest, KoboldPrompt
 from server.serving.completions import CompletionJob, CompletionService
 
@@ -149,3 +151,23 @@ async def generate_stream(
         event="message",
         done=False,
     )
+
+
+@router.post("/api/extra/embeddings", response_model=None)
+async def embeddings(
+    body: KoboldEmbeddingRequest, request: Request, service: EmbeddingsDep, key: KeyDep
+) -> Response:
+    """OpenAI's shape, as KoboldCpp answers (SillyTavern's koboldcpp source, KoboldAI
+    Lite's TextDB); `truncate` is on unless told otherwise."""
+    work = service.embed(
+        body.input,
+        body.model,
+        caller_of(request, key),
+        truncate=body.truncate,
+        dimensions=body.dimensions,
+        ignored=extras(body),
+    )
+    result = await finished(request, work)
+    if isinstance(result, Response):
+        return result
+    return json_response(openai_list(result, body.encoding_format), result.ignored)

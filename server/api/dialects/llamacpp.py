@@ -1,5 +1,6 @@
 """llama-server's native API, for frontends set to "llama.cpp" (SillyTavern's Text
-Completion type among them): `POST /completion`, `/tokenize`, `/detokenize`, `GET /props`.
+Completion type among them): `POST /completion`, `/tokenize`, `/detokenize`, `GET /props`,
+`/embedding(s)` and `/rerank(ing)`.
 
 A thin adapter: the request becomes a text completion on the one CompletionService,
 and its result (or stream) is reshaped into llama-server's fields (`content`, `stop`,
@@ -16,9 +17,17 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from server import __version__
-from server.api.deps import ChatDep, CompletionsDep, KeyDep, ModelsDep, SettingsDep
+from server.api.deps import (
+    ChatDep,
+    CompletionsDep,
+    EmbeddingsDep,
+    KeyDep,
+    ModelsDep,
+    SettingsDep,
+)
 from server.api.dialects.tokens import decode, encode
 from server.api.respond import caller_of, until_disconnected
+from server.api.routes.embeddings import extras, finished, json_response, rerank
 from server.api.sse import sse_response
 from server.protocol.chat import ChatCompletionRequest
 from server.protocol.completions import (
@@ -27,6 +36,7 @@ from server.protocol.completions import (
     CompletionRequest,
     completion_from,
 )
+from server.protocol.embeddings import LlamaEmbeddingRequest
 from server.protocol.llamacpp import DetokenizeRequest, NativeCompletionRequest, TokenizeRequest
 from server.serving.completions import CompletionJob
 
@@ -180,3 +190,29 @@ async def props(models: ModelsDep) -> dict[str, Any]:
         "modalities": {"vision": False, "audio": False},
         "build_info": f"hostler {__version__}",
     }
+
+
+@router.post("/embedding", response_model=None)
+@router.post("/embeddings", response_model=None)
+async def embeddings(
+    body: LlamaEmbeddingRequest, request: Request, service: EmbeddingsDep, key: KeyDep
+) -> Response:
+    """llama-server's native shape: [{index, embedding: [vector]}] (one pooled vector)."""
+    work = service.embed(
+        body.input,
+        body.model,
+        caller_of(request, key),
+        truncate=body.truncate,
+        dimensions=body.dimensions,
+        ignored=extras(body),
+    )
+    result = await finished(request, work)
+    if isinstance(result, Response):
+        return result
+    out = [{"index": i, "embedding": [v]} for i, v in enumerate(result.vectors)]
+    return json_response(out, result.ignored)
+
+
+# llama-server's rerank paths at the root (the /v1 ones are the OpenAI router's).
+router.add_api_route("/rerank", rerank, methods=["POST"], response_model=None)
+router.add_api_route("/reranking", rerank, methods=["POST"], response_model=None)

@@ -1,6 +1,7 @@
 """Ollama's API, for apps that speak only it (Open WebUI's Ollama connection, editor
 plugins, home automation): `/api/chat`, `/api/generate`, `/api/tags`, `/api/ps`,
-`/api/show`, `/api/version`, with Ollama's NDJSON streaming.
+`/api/show`, `/api/version`, with Ollama's NDJSON streaming, and embeddings at
+`/api/embed` and the legacy `/api/embeddings`.
 
 A thin adapter: a chat (or a templated `generate`) runs on the one ChatService, a `raw`
 generate on the CompletionService; `options` are read under llama.cpp's names by
@@ -20,11 +21,13 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server import durations
-from server.api.deps import ChatDep, CompletionsDep, KeyDep, ModelsDep
+from server.api.deps import ChatDep, CompletionsDep, EmbeddingsDep, KeyDep, ModelsDep
 from server.api.respond import caller_of, until_disconnected
+from server.api.routes.embeddings import finished, json_response
 from server.errors import BadRequestError
 from server.protocol.chat import ChatCompletion, ChatCompletionRequest
 from server.protocol.completions import Completion, CompletionRequest
+from server.protocol.embeddings import OllamaEmbeddingsRequest, OllamaEmbedRequest
 from server.protocol.ollama import (
     OllamaBase,
     OllamaChatRequest,
@@ -316,5 +319,82 @@ async def show(body: OllamaShowRequest, models: ModelsDep) -> dict[str, Any]:
             "general.parameter_count": info.n_params,
             f"{arch}.context_length": info.n_ctx,
         },
-        "capabilities": ["completion", "tools"],
+        "capabilities": ["embedding"] if served.spec.embedding else ["completion", "tools"],
     }
+
+
+def _keep_embedding(models: ModelService, model: str, keep_alive: str | int | float | None) -> None:
+    if keep_alive is not None:
+        models.pool.keep_alive(model, keep_alive_seconds(keep_alive))
+
+
+def _embed_ignored(body: OllamaEmbedRequest | OllamaEmbeddingsRequest) -> list[str]:
+    return sorted(body.model_extra or {}) + (["options"] if body.options else [])
+
+
+@router.post("/embed", response_model=None)
+async def embed(
+    body: OllamaEmbedRequest,
+    request: Request,
+    service: EmbeddingsDep,
+    models: ModelsDep,
+    key: KeyDep,
+) -> Response:
+    """`{model, input}` -> `{model, embeddings}`; no input loads the model."""
+    if body.keep_alive is not None:
+        keep_alive_seconds(body.keep_alive)  # a bad value is a 400 before anything runs
+    started = time.monotonic()
+    if not body.input:
+        model_id, load = await service.load(body.model)
+        _keep_embedding(models, model_id, body.keep_alive)
+        return json_response(
+            {"model": body.model or model_id, "embeddings": [],
+             "total_duration": int((time.monotonic() - started) * 1e9),
+             "load_duration": int(load * 1e9), "prompt_eval_count": 0}
+        )  # fmt: skip
+    work = service.embed(
+        list(body.input),
+        body.model,
+        caller_of(request, key),
+        truncate=body.truncate,
+        dimensions=body.dimensions,
+        ignored=_embed_ignored(body),
+    )
+    result = await finished(request, work)
+    if isinstance(result, Response):
+        return result
+    _keep_embedding(models, result.model, body.keep_alive)
+    out = {
+        "model": body.model or result.model,
+        "embeddings": result.vectors,
+        "total_duration": int((time.monotonic() - started) * 1e9),
+        "load_duration": int(result.load_seconds * 1e9),
+        "prompt_eval_count": result.tokens,
+    }
+    return json_response(out, result.ignored)
+
+
+@router.post("/embeddings", response_model=None)
+async def embeddings(
+    body: OllamaEmbeddingsRequest,
+    request: Request,
+    service: EmbeddingsDep,
+    models: ModelsDep,
+    key: KeyDep,
+) -> Response:
+    """The legacy `{model, prompt}` -> `{embedding}` (SillyTavern's Ollama source)."""
+    if body.keep_alive is not None:
+        keep_alive_seconds(body.keep_alive)
+    if not body.prompt:
+        model_id, _ = await service.load(body.model)
+        _keep_embedding(models, model_id, body.keep_alive)
+        return json_response({"embedding": []})
+    work = service.embed(
+        [body.prompt], body.model, caller_of(request, key), truncate=True,
+        ignored=_embed_ignored(body),
+    )  # fmt: skip
+    result = await finished(request, work)
+    if isinstance(result, Response):
+        return result
+    _keep_embedding(models, result.model, body.keep_alive)
+    return json_response({"embedding": result.vectors[0]}, result.ignored)
