@@ -219,15 +219,18 @@ def _remote(args: argparse.Namespace, method: str, path: str) -> Any:
 
 
 def _ps(args: argparse.Namespace) -> int:
-    rows = [("MODEL", "MEMORY", "SLOTS BUSY", "IDLE", "UNLOADS IN")]
+    rows = [("MODEL", "KIND", "MEMORY", "SLOTS BUSY", "IDLE", "UNLOADS IN")]
     for m in _remote(args, "GET", "/v1/ps")["models"]:
+        kind = str(m.get("kind", "chat"))
         if "loading_seconds" in m:
-            rows.append((m["model"], "-", "-", "-", f"loading ({m['loading_seconds']:.0f} s)"))
+            loading = f"loading ({m['loading_seconds']:.0f} s)"
+            rows.append((m["model"], kind, "-", "-", "-", loading))
             continue
         until = m["unloads_in_seconds"]
         rows.append(
             (
                 m["model"],
+                kind,
                 f"{m['memory_bytes'] / 2**30:.1f} GiB" if m["memory_bytes"] else "-",
                 f"{m['slots_busy']}/{m['slots']}",
                 f"{m['idle_seconds']:.0f} s",

@@ -80,7 +80,7 @@ def test_info_routes(api: Api) -> None:
 def test_images_are_refused(api: Api) -> None:
     body = {"model": "fake", "messages": [{"role": "user", "content": "x", "images": ["AAAA"]}]}
     r = api.client.post("/api/chat", json=body)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].images"
+    assert r.status_code == 400 and "images" in r.json()["error"]  # Ollama: a string
 
 
 def test_any_content_type_as_ollama_accepts(api: Api) -> None:
