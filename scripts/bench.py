@@ -14,6 +14,12 @@ turn 2 shows whether turn 1's prefix was reused (use a model with a 32k context)
 
     scripts/bench.py --hostler --ctx 32768 --slots 2 --rounds 1 --scenarios claude-code
 
+Embeddings (64 inputs of 400 characters, alone and while a chat streams; llama-server
+gets a second process with --embeddings, as its users run it):
+
+    scripts/bench.py --hostler --llama-server ~/cache/llama-server --slots 4 \
+        --scenarios embeddings
+
 Long-chat scenarios (prompt caches), against llama-server with and without
 `--cache-reuse 256`, on 2 slots:
 
@@ -75,6 +81,9 @@ class Target:
     errors: int = 0
     command: Callable[[Path], list[str]] | None = None  # cache dir -> command line
     port: int = 0
+    embed_url: str = ""
+    """Where its embeddings are served (llama-server: a second process, --embeddings)."""
+    embed_model: str = ""
 
 
 async def one(
@@ -204,6 +213,45 @@ CARD = (
 ) * 6
 
 
+EMBED_TEXT = (
+    "Seraphina walked along the riverbank at dusk, her lantern swinging. The ferryman had "
+    "not come back, the village dogs were quiet, and the water carried a smell of rain. "
+)
+
+
+async def _embed(client: httpx.AsyncClient, t: Target, inputs: list[str]) -> float:
+    """Seconds for one embedding request (a failure counts as an error)."""
+    start = time.perf_counter()
+    try:
+        body = {"input": inputs, "model": t.embed_model}
+        r = await client.post(t.embed_url + "/embeddings", json=body)
+        r.raise_for_status()
+        assert len(r.json()["data"]) == len(inputs)
+    except (httpx.HTTPError, AssertionError) as exc:
+        t.errors += 1
+        print(f"{t.name}: embedding request failed: {exc!r}", file=sys.stderr)
+    return time.perf_counter() - start
+
+
+async def sample_embeddings(
+    client: httpx.AsyncClient, t: Target, args: argparse.Namespace, round_no: int
+) -> Sample:
+    """64 inputs of 400 characters (SillyTavern's chunks) in one request: inputs/s alone;
+    then the same while a chat streams, with the chat's decode rate meanwhile."""
+    inputs = [f"{round_no}.{k}: {EMBED_TEXT * 3}"[:400] for k in range(args.embed_inputs)]
+    alone = await _embed(client, t, inputs)
+    shifted = [f"{round_no}.{k}b: {EMBED_TEXT * 3}"[:400] for k in range(args.embed_inputs)]
+    embedding = asyncio.ensure_future(_embed(client, t, shifted))
+    await asyncio.sleep(0.2)  # the batch is under way when the chat starts
+    chat = await one(client, t, [{"role": "user", "content": QUESTION}], args.tokens, args.ban_map)
+    both = await embedding
+    return {
+        "embeddings/s": len(inputs) / alone,
+        "embeddings/s with a chat": len(inputs) / both,
+        "decode tok/s during embeddings": chat.decode_tps,
+    }
+
+
 def _user(chat: int, k: int) -> dict[str, str]:
     text = f"(chat {chat}, turn {k}) I sit by the window and ask about the storm, the ships "
     return {"role": "user", "content": text + "and the old war, and I order more tea. " * 2}
@@ -325,6 +373,8 @@ def run_rounds(targets: list[Target], args: argparse.Namespace) -> dict[str, lis
                             got = await sample_rotating(client, t, args, i)
                         elif kind == "claude-code":
                             got = await sample_claude_code(client, t, args, i)
+                        elif kind == "embeddings":
+                            got = await sample_embeddings(client, t, args, i)
                         else:
                             got = await sample_turns(client, t, args, i)
                         print(f"{t.name} {got}", file=sys.stderr)
@@ -423,8 +473,11 @@ def main() -> int:
         "--scenarios",
         type=lambda s: s.split(","),
         default=["single", "aggregate", "turns"],
-        help="comma list of: single, aggregate, turns, trimmed, rotating, restart, claude-code",
+        help="comma list of: single, aggregate, turns, trimmed, rotating, restart,"
+        " claude-code, embeddings",
     )
+    p.add_argument("--embed-inputs", type=int, default=64, help="embeddings: inputs a request")
+    p.add_argument("--embed-ctx", type=int, default=2048, help="embeddings: model context")
     p.add_argument("--window", type=int, default=9, help="trimmed: exchanges kept")
     p.add_argument("--trimmed-turns", type=int, default=6, help="trimmed: turns measured")
     p.add_argument("--chats", type=int, default=6, help="rotating: chats taking turns")
@@ -453,10 +506,18 @@ def main() -> int:
         "models:\n  bench:\n"
         f"    source: {{path: {json.dumps(gguf)}}}\n"
         f"    context: {args.ctx}\n    gpu_layers: {json.dumps(layers)}\n"
+        # The same file as a mean-pooled embedding model, beside the chat model.
+        "  bench-embed:\n"
+        f"    source: {{path: {json.dumps(gguf)}}}\n    embedding: true\n    pooling: mean\n"
+        f"    context: {args.embed_ctx}\n    gpu_layers: {json.dumps(layers)}\n"
     )
+    embeddings = "embeddings" in args.scenarios
     log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
     names = args.name + [f"url{i}" for i in range(len(args.name), len(args.url))]
     targets = [Target(n, u, args.model) for n, u in zip(names, args.url, strict=False)]
+    for t in targets:
+        t.embed_url = t.url
+    sidecars: list[Target] = []
     try:
         if args.hostler:
             port = free_port()
@@ -469,6 +530,7 @@ def main() -> int:
                 return [*cmd, "--cache-dir", str(cache_dir), *shlex.split(args.hostler_args)]
 
             targets.append(start("hostler", hostler, port, "bench", log_dir))
+            targets[-1].embed_url, targets[-1].embed_model = targets[-1].url, "bench-embed"
         llama_servers = [("llama-server", 0)] if args.llama_server else []
         if args.llama_server and args.llama_server_reuse:
             llama_servers.append(("llama-server-reuse", args.llama_server_reuse))
@@ -482,6 +544,21 @@ def main() -> int:
                 return cmd + (["--cache-reuse", str(reuse)] if reuse else [])
 
             targets.append(start(name, llama_server, port, "smollm2", log_dir))
+            if embeddings and not reuse:
+                # llama-server serves embeddings only from a process of its own (--embeddings),
+                # with a physical batch as large as the context (else inputs over 512 fail).
+                sidecar_port = free_port()
+
+                def sidecar(_: Path, port: int = sidecar_port) -> list[str]:
+                    ctx = str(args.embed_ctx)
+                    cmd = [str(args.llama_server), "-m", gguf, "--port", str(port)]
+                    cmd += ["--embeddings", "--pooling", "mean", "-c", ctx, "-b", ctx, "-ub", ctx]
+                    cmd += ["-np", "8", "-t", str(args.threads), "-tb", str(args.threads)]
+                    return [*cmd, "--kv-unified", "-ngl", ngl]
+
+                side = start("llama-server-embeddings", sidecar, sidecar_port, "x", log_dir)
+                sidecars.append(side)
+                targets[-1].embed_url, targets[-1].embed_model = side.url, "smollm2"
         if args.llama_cpp_python:
             port = free_port()
 
@@ -497,7 +574,7 @@ def main() -> int:
         if "restart" in args.scenarios:
             ratios.update(run_restart(targets, args))
     finally:
-        for t in targets:
+        for t in targets + sidecars:
             stop(t)
     metrics = list(targets[0].results) if targets else []
     names = [t.name for t in targets]

@@ -81,8 +81,8 @@ def install(app: FastAPI) -> None:
         if is_anthropic(request.url.path):
             return error_response(BadRequestError(str(exc.detail)), request.url.path)
         if is_ollama(request.url.path):
-            body = {"error": str(exc.detail)}
-            return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+            plain = {"error": str(exc.detail)}
+            return JSONResponse(plain, status_code=exc.status_code, headers=exc.headers)
         body = {
             "error": {
                 "code": exc.status_code,

@@ -12,6 +12,7 @@ cleared, and each request is answered once all its inputs are done.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -245,10 +246,8 @@ class EmbeddingEngine:
             job.results[i] = out
             job.left -= 1
             if job.left == 0:
-                try:
+                with contextlib.suppress(RuntimeError):  # its loop is gone: nobody waits
                     job.loop.call_soon_threadsafe(_resolve, job)
-                except RuntimeError:
-                    pass
 
 
 def _resolve(job: _Job) -> None:
@@ -263,7 +262,5 @@ def _fail(job: _Job, exc: HostlerError) -> None:
         if not job.future.done():
             job.future.set_exception(exc)
 
-    try:
+    with contextlib.suppress(RuntimeError):  # its loop is gone (shutdown): nobody waits
         job.loop.call_soon_threadsafe(fail)
-    except RuntimeError:  # its loop is gone (shutdown): nobody waits any more
-        pass

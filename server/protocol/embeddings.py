@@ -17,10 +17,7 @@ MAX_INPUTS = 2048
 
 EmbeddingInput = str | list[int]
 
-_SHAPE = (
-    "must be a string, a list of strings, a list of token ids, or a list of lists of"
-    " token ids"
-)
+_SHAPE = "must be a string, a list of strings, a list of token ids, or a list of lists of token ids"
 
 
 def _token_ids(items: list[Any]) -> list[int] | None:

@@ -76,9 +76,14 @@ class EmbeddingService:
 
     def _model(self, name: str | None, rerank: bool, ignored: list[str]) -> ModelSpec:
         spec = self.models.resolve_embedding(name, rerank=rerank)
-        if name and name not in (spec.id, *spec.aliases) and name.removesuffix(":latest") not in (
-            spec.id,
-            *spec.aliases,
+        if (
+            name
+            and name not in (spec.id, *spec.aliases)
+            and name.removesuffix(":latest")
+            not in (
+                spec.id,
+                *spec.aliases,
+            )
         ):
             ignored.append("model")  # a chat model's (or unknown) name: the default ran
         return spec
@@ -99,14 +104,16 @@ class EmbeddingService:
         spec = self._model(model, False, ignored)
         engine, load_seconds = await self._engine(spec)
         size = engine.info.n_embd
-        if dimensions is not None and dimensions != size:
-            if dimensions > size or not spec.matryoshka:
-                can = f"1..{size}" if spec.matryoshka else f"only {size}"
-                raise BadRequestError(
-                    f"dimensions: model '{spec.id}' makes {size}-number vectors; it can"
-                    f" give {can}",
-                    param="dimensions",
-                )
+        if (
+            dimensions is not None
+            and dimensions != size
+            and (dimensions > size or not spec.matryoshka)
+        ):
+            can = f"1..{size}" if spec.matryoshka else f"only {size}"
+            raise BadRequestError(
+                f"dimensions: model '{spec.id}' makes {size}-number vectors; it can give {can}",
+                param="dimensions",
+            )
         tokens = await self._tokenize(engine, spec, inputs, truncate)
         started = time.monotonic()
         vectors = await engine.embed(tokens)
@@ -115,9 +122,7 @@ class EmbeddingService:
         n = sum(len(t) for t in tokens)
         if caller.on_usage is not None:
             caller.on_usage(n)
-        return Embeddings(
-            spec.id, vectors, n, time.monotonic() - started, load_seconds, ignored
-        )
+        return Embeddings(spec.id, vectors, n, time.monotonic() - started, load_seconds, ignored)
 
     async def load(self, model: str | None) -> tuple[str, float]:
         """Load the embedding model (Ollama's empty request); its id and load time."""

@@ -152,7 +152,12 @@ class FakeEmbedder:
         raise AssertionError("an embedding model got a generation request")
 
     def pair_tokens(self, query: str, document: str) -> list[int]:
-        return self.tokenize(query, add_special=False) + [0] + self.tokenize(document, add_special=False)
+        pieces = (
+            self.tokenize(query, add_special=False),
+            [0],
+            self.tokenize(document, add_special=False),
+        )
+        return [t for piece in pieces for t in piece]
 
     async def embed(self, inputs: list[list[int]]) -> list[Any]:
         import numpy as np

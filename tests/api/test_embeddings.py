@@ -165,9 +165,7 @@ def test_dialect_shapes(api: EmbedApi) -> None:
     assert np.allclose(r["embeddings"][1], _expected("a dog")) and r["prompt_eval_count"] == 10
     r = api.post("/api/embeddings", {"model": "embed", "prompt": "a cat", "keep_alive": -1})
     assert np.allclose(r.json()["embedding"], _expected("a cat"))
-    assert api.post("/api/embeddings", {"model": "embed", "prompt": ""}).json() == {
-        "embedding": []
-    }
+    assert api.post("/api/embeddings", {"model": "embed", "prompt": ""}).json() == {"embedding": []}
     assert api.post("/api/embed", {"model": "embed"}).json()["embeddings"] == []
     # KoboldCpp's (OpenAI's shape, truncate on by default).
     r = api.post("/api/extra/embeddings", {"input": "a cat" * 40}).json()
@@ -237,7 +235,9 @@ def test_ollama_errors_are_ollamas_shape(api: EmbedApi, body: dict[str, Any]) ->
 
 def test_garbage_bodies(api: EmbedApi) -> None:
     for path in ("/v1/embeddings", "/embedding", "/api/embed", "/api/embeddings", "/v1/rerank"):
-        r = api.client.post(path, content=b"{not json", headers={"content-type": "application/json"})
+        r = api.client.post(
+            path, content=b"{not json", headers={"content-type": "application/json"}
+        )
         assert r.status_code == 400, path
         r = api.client.post(path, json=[1, 2, 3])
         assert r.status_code == 400, path

@@ -1,8 +1,8 @@
 """KoboldCpp's API, for frontends set to KoboldCpp (SillyTavern, KoboldAI Lite, Agnaistic):
-info routes, token count, `POST /api/v1/generate`, `/api/extra/generate/stream` and
-`/api/extra/abort`, and `/api/extra/embeddings`. Generation is a text completion on the one CompletionService;
-Kobold's sampler names (`rep_pen`, `max_length`, integer `sampler_order`, ...) are read
-by protocol/aliases.py.
+info routes, token count, `POST /api/v1/generate`, `/api/extra/generate/stream`,
+`/api/extra/abort` and `/api/extra/embeddings`. Generation is a text completion on the
+one CompletionService; Kobold's sampler names (`rep_pen`, `max_length`, integer
+`sampler_order`, ...) are read by protocol/aliases.py.
 """
 
 from __future__ import annotations
