@@ -48,6 +48,15 @@ class _EngineCollector(Collector):
                     CounterMetricFamily(f"hostler_{key}", f"Prompt cache: {key}", labels=["model"]),
                 )
                 fam.add_metric([name], value)
+            if h.get("pooling"):  # an embedding model: what it has embedded
+                for key in ("inputs", "tokens", "batches"):
+                    fam = counters.setdefault(
+                        f"embedding_{key}",
+                        CounterMetricFamily(
+                            f"hostler_embedding_{key}", f"Embedding {key}", labels=["model"]
+                        ),
+                    )
+                    fam.add_metric([name], h.get(key, 0))
         yield from (queued, busy, slots, loads, *counters.values())
 
 

@@ -311,3 +311,15 @@ def test_openai_sdk_error(api: EmbedApi) -> None:
     sdk = OpenAI(base_url="http://localhost/v1", api_key="x", http_client=api.client)
     with pytest.raises(BadRequestError, match="input"):
         sdk.embeddings.create(model="embed", input=[])
+
+
+def test_metrics_and_health(api: EmbedApi) -> None:
+    api.post("/v1/embeddings", {"input": ["a", "b"]})
+    health = api.client.get("/health").json()
+    assert "embed" in str(health)
+    api.engines["embed"].health = lambda: {  # type: ignore[method-assign]
+        "status": "ok", "slots": 64, "slots_busy": 0, "queued": 0, "pooling": "mean",
+        "inputs": 2, "tokens": 2, "batches": 1,
+    }  # fmt: skip
+    text = api.client.get("/metrics").text
+    assert 'hostler_embedding_inputs_total{model="embed"} 2.0' in text
