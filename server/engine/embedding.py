@@ -129,7 +129,7 @@ class EmbeddingEngine:
         job.results = [None] * len(inputs)
         job.left = len(inputs)
         with self._cond:
-            if len(self._jobs) >= self.max_queue:
+            if sum(1 for j in self._jobs if j.pending and not j.cancelled) >= self.max_queue:
                 raise QueueFullError(
                     "too many embedding requests are waiting; try again shortly",
                     headers={"Retry-After": "1"},
@@ -140,7 +140,8 @@ class EmbeddingEngine:
         try:
             return await job.future
         finally:
-            if not job.future.done():
+            # A caller cancelled while it waits cancels the future too: drop the rest.
+            if not job.future.done() or job.future.cancelled():
                 job.cancelled = True  # the thread drops it at its next batch
 
     def health(self) -> dict[str, Any]:
@@ -159,7 +160,7 @@ class EmbeddingEngine:
     @property
     def busy(self) -> bool:
         with self._cond:
-            return bool(self._jobs) or self._running > 0
+            return self._running > 0 or any(j.pending and not j.cancelled for j in self._jobs)
 
     def close(self) -> None:
         with self._cond:
@@ -181,10 +182,12 @@ class EmbeddingEngine:
                         break
                     taken = self._take()
                     self._running = len(taken)
-                if taken:
-                    self._decode(taken)
+                done = self._decode(taken) if taken else []
                 with self._cond:
                     self._running = 0
+                for job in done:  # answered once the engine is idle again, so `busy` is
+                    with contextlib.suppress(RuntimeError):  # false when they wake
+                        job.loop.call_soon_threadsafe(_resolve, job)
         except Exception as exc:  # never leave a caller waiting
             log.exception("the embedding engine failed")
             self._fatal = str(exc) or type(exc).__name__
@@ -212,7 +215,8 @@ class EmbeddingEngine:
             self._jobs.rotate(-1)  # the next input comes from the next request
         return taken
 
-    def _decode(self, taken: list[tuple[_Job, int]]) -> None:
+    def _decode(self, taken: list[tuple[_Job, int]]) -> list[_Job]:
+        """Decode one batch; the jobs it completed."""
         batch = self._batch
         batch.clear()
         for seq, (job, i) in enumerate(taken):
@@ -234,6 +238,7 @@ class EmbeddingEngine:
             batch.n,
             (time.monotonic() - started) * 1000,
         )
+        done: list[_Job] = []
         for seq, (job, i) in enumerate(taken):
             out = outputs[seq] if outputs else None
             if out is None:
@@ -246,8 +251,8 @@ class EmbeddingEngine:
             job.results[i] = out
             job.left -= 1
             if job.left == 0:
-                with contextlib.suppress(RuntimeError):  # its loop is gone: nobody waits
-                    job.loop.call_soon_threadsafe(_resolve, job)
+                done.append(job)
+        return done
 
 
 def _resolve(job: _Job) -> None:

@@ -78,7 +78,7 @@ def test_swap_load_unload_and_keep_alive(two_models: Server) -> None:
         [sys.executable, "-m", "server", "ps", "--url", url],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert ps.returncode == 0 and ps.stdout.splitlines()[1].split()[:2] == ["big", "0.3"]
+    assert ps.returncode == 0 and ps.stdout.splitlines()[1].split()[:3] == ["big", "chat", "0.3"]
     r = httpx.post(url + "/v1/models/big/unload", timeout=60)
     assert r.json() == {"model": "big", "was_loaded": True, "loaded": False}
     assert _loaded(url) == []

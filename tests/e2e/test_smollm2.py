@@ -33,9 +33,13 @@ def _stream_text(client: OpenAI, **kw: object) -> tuple[str, object]:
 
 def test_models(client: OpenAI) -> None:
     ids = [m.id for m in client.models.list()]
-    assert ids == ["smollm2-135m"]  # rocinante-12b is not downloaded here: not listed
+    # rocinante-12b is not downloaded here: not listed; chat models come first.
+    assert ids == ["smollm2-135m", "smollm2-135m-embed"]
     every = client.models.list(extra_query={"all": "true"})
-    assert [m.id for m in every] == ["rocinante-12b", "smollm2-135m"]
+    assert [m.id for m in every] == [
+        "rocinante-12b", "smollm2-135m", "nomic-embed-text-v1.5", "bge-reranker-v2-m3",
+        "smollm2-135m-embed",
+    ]  # fmt: skip
 
 
 def test_chat_and_stream_agree(client: OpenAI) -> None:
