@@ -112,7 +112,7 @@ def test_close_fails_waiting_requests() -> None:
         task = asyncio.ensure_future(e.embed(_tokens(e, 64)))
         await asyncio.sleep(0.2)
         await asyncio.to_thread(e.close)
-        with pytest.raises(Exception, match="stopped|shutting down"):
+        with pytest.raises(Exception, match=r"stopped|shutting down"):
             await asyncio.wait_for(task, 30)
 
     asyncio.run(run())
