@@ -219,14 +219,18 @@ def _remote(args: argparse.Namespace, method: str, path: str) -> Any:
 
 
 def _ps(args: argparse.Namespace) -> int:
-    rows = [("MODEL", "KIND", "MEMORY", "SLOTS BUSY", "IDLE", "UNLOADS IN")]
+    rows = [("MODEL", "KIND", "MEMORY", "SLOTS BUSY", "IDLE", "UNLOADS IN", "PID", "RSS")]
     for m in _remote(args, "GET", "/v1/ps")["models"]:
         kind = str(m.get("kind", "chat"))
         if "loading_seconds" in m:
             loading = f"loading ({m['loading_seconds']:.0f} s)"
-            rows.append((m["model"], kind, "-", "-", "-", loading))
+            rows.append((m["model"], kind, "-", "-", "-", loading, "-", "-"))
+            continue
+        if m.get("state") == "failed":
+            rows.append((m["model"], kind, "-", "-", "-", "failed: load it again", "-", "-"))
             continue
         until = m["unloads_in_seconds"]
+        rss = m.get("rss_bytes")
         rows.append(
             (
                 m["model"],
@@ -235,6 +239,8 @@ def _ps(args: argparse.Namespace) -> int:
                 f"{m['slots_busy']}/{m['slots']}",
                 f"{m['idle_seconds']:.0f} s",
                 "pinned" if m["pinned"] else ("never" if until is None else f"{until:.0f} s"),
+                str(m.get("pid") or "-"),
+                f"{rss / 2**30:.2f} GiB" if rss else "-",
             )
         )
     _table(rows)

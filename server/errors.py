@@ -104,6 +104,13 @@ class EngineError(HostlerError):
     type = "server_error"
 
 
+class EngineGoneError(EngineError):
+    """The engine serving the request died (its process ended): try again shortly."""
+
+    status = 503
+    type = "service_unavailable_error"
+
+
 class ConfigError(Exception):
     """A configuration file is invalid. Not an HTTP error: raised at start-up."""
 

@@ -127,6 +127,7 @@ class BanList:
     """A compiled list of banned phrases, shared by every sequence that uses it."""
 
     def __init__(self, bans: Sequence[Ban]) -> None:
+        self.source = tuple(bans)
         plain = [b for b in bans if not b.regex and b.text]
         folded = {_fold(b.text) for b in plain if not b.case_sensitive}
         exact = {b.text for b in plain if b.case_sensitive}
@@ -138,6 +139,10 @@ class BanList:
                 flags = 0 if b.case_sensitive else regex.IGNORECASE
                 self.patterns.append((regex.compile(b.text, flags), b.text))
         self.size = len(folded) + len(exact) + len(self.patterns)
+
+    def __reduce__(self) -> tuple[Any, tuple[tuple[Ban, ...]]]:
+        # Sent to an engine process as its phrases, compiled there (and cached there).
+        return compile_bans, (self.source,)
 
 
 def check(bans: Sequence[Ban]) -> str | None:

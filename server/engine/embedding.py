@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,17 +41,22 @@ log = logging.getLogger("hostler.embedding")
 Vector = npt.NDArray[np.float32]
 
 
+Done = Callable[[list[Vector] | None, HostlerError | None], None]
+"""Called once from the engine thread: the outputs, or why there are none."""
+
+
 @dataclass(eq=False)
 class _Job:
     """One request's inputs: those not yet decoded, and the outputs so far."""
 
     inputs: list[list[int]]
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[list[Vector]]
+    done: Done
     pending: deque[int] = field(default_factory=deque)
     results: list[Vector | None] = field(default_factory=list)
     left: int = 0
     cancelled: bool = False
+    finished: bool = False
+    """`done` was called (once, with outputs or an error)."""
 
 
 class EmbeddingEngine:
@@ -115,6 +121,32 @@ class EmbeddingEngine:
         wait; a caller that stops waiting drops its inputs not yet decoded."""
         if not inputs:
             return []
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Vector]] = loop.create_future()
+
+        def done(out: list[Vector] | None, exc: HostlerError | None) -> None:
+            def settle() -> None:
+                if future.done():
+                    return
+                if exc is not None:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(out or [])
+
+            with contextlib.suppress(RuntimeError):  # its loop is gone: nobody waits
+                loop.call_soon_threadsafe(settle)
+
+        cancel = self.start(inputs, done)
+        try:
+            return await future
+        finally:
+            # A caller cancelled while it waits cancels the future too: drop the rest.
+            if not future.done() or future.cancelled():
+                cancel()
+
+    def start(self, inputs: list[list[int]], done: Done) -> Callable[[], None]:
+        """Queue `inputs`; `done` is called once from the engine thread. Returns a
+        function that drops the inputs not yet decoded."""
         if self._fatal:
             raise ServiceUnavailableError(f"the engine stopped: {self._fatal}")
         if self._stopping:
@@ -123,8 +155,7 @@ class EmbeddingEngine:
         for i, tokens in enumerate(inputs):
             if not tokens or len(tokens) > limit:  # checked by serving; never reaches llama
                 raise BadRequestError(f"input {i} has {len(tokens)} tokens (1..{limit})")
-        loop = asyncio.get_running_loop()
-        job = _Job(inputs, loop, loop.create_future())
+        job = _Job(inputs, done)
         job.pending.extend(range(len(inputs)))
         job.results = [None] * len(inputs)
         job.left = len(inputs)
@@ -137,12 +168,11 @@ class EmbeddingEngine:
             self._jobs.append(job)
             self.stats["requests"] += 1
             self._cond.notify()
-        try:
-            return await job.future
-        finally:
-            # A caller cancelled while it waits cancels the future too: drop the rest.
-            if not job.future.done() or job.future.cancelled():
-                job.cancelled = True  # the thread drops it at its next batch
+
+        def cancel() -> None:
+            job.cancelled = True  # the thread drops it at its next batch
+
+        return cancel
 
     def health(self) -> dict[str, Any]:
         with self._cond:
@@ -186,8 +216,9 @@ class EmbeddingEngine:
                 with self._cond:
                     self._running = 0
                 for job in done:  # answered once the engine is idle again, so `busy` is
-                    with contextlib.suppress(RuntimeError):  # false when they wake
-                        job.loop.call_soon_threadsafe(_resolve, job)
+                    if not job.finished:  # false when they wake
+                        job.finished = True
+                        job.done([r for r in job.results if r is not None], None)
         except Exception as exc:  # never leave a caller waiting
             log.exception("the embedding engine failed")
             self._fatal = str(exc) or type(exc).__name__
@@ -255,17 +286,8 @@ class EmbeddingEngine:
         return done
 
 
-def _resolve(job: _Job) -> None:
-    if not job.future.done():
-        job.future.set_result([r for r in job.results if r is not None])
-
-
 def _fail(job: _Job, exc: HostlerError) -> None:
     job.cancelled = True
-
-    def fail() -> None:
-        if not job.future.done():
-            job.future.set_exception(exc)
-
-    with contextlib.suppress(RuntimeError):  # its loop is gone (shutdown): nobody waits
-        job.loop.call_soon_threadsafe(fail)
+    if not job.finished:
+        job.finished = True
+        job.done(None, exc)

@@ -11,6 +11,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import llama_cpp.llama_cpp as lc
 import numpy as np
@@ -86,6 +87,86 @@ POOLING: dict[str, int] = {
 }
 
 
+def tokenize(vocab: Any, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+    data = text.encode("utf-8")
+    n_max = len(data) + 8
+    buf = (lc.llama_token * n_max)()
+    n = lc.llama_tokenize(vocab, data, len(data), buf, n_max, add_special, parse_special)
+    if n < 0:
+        n_max = -n
+        buf = (lc.llama_token * n_max)()
+        n = lc.llama_tokenize(vocab, data, len(data), buf, n_max, add_special, parse_special)
+    return list(buf[:n])
+
+
+def to_piece(vocab: Any, token: int, *, special: bool) -> bytes:
+    buf = ctypes.create_string_buffer(64)
+    n = lc.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = lc.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    return buf.raw[:n]
+
+
+def rerank_template(model: Any) -> str | None:
+    raw = lc.llama_model_chat_template(model, b"rerank")
+    return raw.decode("utf-8", errors="replace") if raw else None
+
+
+def rerank_pair(model: Any, vocab: Any, query: str, document: str) -> list[int]:
+    """A (query, document) pair as a reranker reads it, as llama-server builds it: the
+    GGUF's rerank template, else [BOS] query [EOS] [SEP] document [EOS]."""
+    template = rerank_template(model)
+    if template is not None:
+        text = template.replace("{query}", query).replace("{document}", document)
+        return tokenize(vocab, text, add_special=False)
+    eos = int(lc.llama_vocab_eos(vocab))
+    if eos < 0:
+        eos = int(lc.llama_vocab_sep(vocab))
+    out: list[int] = []
+    if lc.llama_vocab_get_add_bos(vocab):
+        out.append(int(lc.llama_vocab_bos(vocab)))
+    out += tokenize(vocab, query, add_special=False, parse_special=False)
+    if lc.llama_vocab_get_add_eos(vocab):
+        out.append(eos)
+    if lc.llama_vocab_get_add_sep(vocab):
+        out.append(int(lc.llama_vocab_sep(vocab)))
+    out += tokenize(vocab, document, add_special=False, parse_special=False)
+    if lc.llama_vocab_get_add_eos(vocab):
+        out.append(eos)
+    return out
+
+
+class LlamaVocab:
+    """A model file's vocabulary alone (no weights, no context): tokenizing for the API
+    process while the model itself runs in its engine process."""
+
+    def __init__(self, path: Path) -> None:
+        _ensure_backend()
+        mparams = lc.llama_model_default_params()
+        mparams.vocab_only = True
+        model = lc.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model:
+            raise ModelLoadError(f"llama.cpp could not read the vocabulary of {path.name}")
+        self.model = model
+        self.vocab = lc.llama_model_get_vocab(model)
+        self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
+
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        return tokenize(self.vocab, text, add_special=add_special)
+
+    def special_text(self, token: int) -> str:
+        return to_piece(self.vocab, token, special=True).decode("utf-8", errors="replace")
+
+    def rerank_pair(self, query: str, document: str) -> list[int]:
+        return rerank_pair(self.model, self.vocab, query, document)
+
+    def close(self) -> None:
+        if getattr(self, "model", None):
+            lc.llama_model_free(self.model)
+            self.model = None
+
+
 class LlamaModel:
     """One loaded model with one context of `slots` sequences on a unified KV cache."""
 
@@ -159,32 +240,10 @@ class LlamaModel:
 
     def rerank_template(self) -> str | None:
         """The GGUF's rerank prompt (with {query} and {document}), if it has one."""
-        raw = lc.llama_model_chat_template(self.model, b"rerank")
-        return raw.decode("utf-8", errors="replace") if raw else None
+        return rerank_template(self.model)
 
     def rerank_pair(self, query: str, document: str) -> list[int]:
-        """A (query, document) pair as a reranker reads it, as llama-server builds it:
-        the GGUF's rerank template, else [BOS] query [EOS] [SEP] document [EOS]."""
-        template = self.rerank_template()
-        if template is not None:
-            text = template.replace("{query}", query).replace("{document}", document)
-            return self.tokenize(text, add_special=False)
-        vocab = self.vocab
-        eos = int(lc.llama_vocab_eos(vocab))
-        if eos < 0:
-            eos = int(lc.llama_vocab_sep(vocab))
-        out: list[int] = []
-        if lc.llama_vocab_get_add_bos(vocab):
-            out.append(int(lc.llama_vocab_bos(vocab)))
-        out += self.tokenize(query, add_special=False, parse_special=False)
-        if lc.llama_vocab_get_add_eos(vocab):
-            out.append(eos)
-        if lc.llama_vocab_get_add_sep(vocab):
-            out.append(int(lc.llama_vocab_sep(vocab)))
-        out += self.tokenize(document, add_special=False, parse_special=False)
-        if lc.llama_vocab_get_add_eos(vocab):
-            out.append(eos)
-        return out
+        return rerank_pair(self.model, self.vocab, query, document)
 
     def pooled(self, seq: int, n: int) -> npt.NDArray[np.float32] | None:
         """A copy of `seq`'s pooled output of the last decode (`n` floats); None if none."""
@@ -248,17 +307,7 @@ class LlamaModel:
     # -- tokens ---------------------------------------------------------------------
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
-        n_max = len(data) + 8
-        buf = (lc.llama_token * n_max)()
-        n = lc.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
-        if n < 0:
-            n_max = -n
-            buf = (lc.llama_token * n_max)()
-            n = lc.llama_tokenize(
-                self.vocab, data, len(data), buf, n_max, add_special, parse_special
-            )
-        return list(buf[:n])
+        return tokenize(self.vocab, text, add_special=add_special, parse_special=parse_special)
 
     def piece(self, token: int, special: bool = False) -> bytes:
         """The bytes a generated token adds to the output (control tokens add nothing
@@ -275,12 +324,7 @@ class LlamaModel:
         return self._to_piece(token, special=True).decode("utf-8", errors="replace")
 
     def _to_piece(self, token: int, *, special: bool) -> bytes:
-        buf = ctypes.create_string_buffer(64)
-        n = lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
-        return buf.raw[:n]
+        return to_piece(self.vocab, token, special=special)
 
     def grammar_error(self, grammar: str) -> str | None:
         """None if llama.cpp compiles `grammar` for this vocabulary, else why not.

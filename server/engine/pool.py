@@ -26,6 +26,9 @@ log = logging.getLogger("hostler.pool")
 
 GIB = 2**30
 
+CRASH_WINDOW = 120.0
+"""A model whose engine dies twice within this many seconds is marked failed."""
+
 
 @dataclass
 class Loaded:
@@ -70,6 +73,10 @@ class ModelPool:
         self.loading: dict[str, float] = {}
         """Model id -> when its load began, while it loads."""
         self.loads = 0
+        self.deaths: dict[str, tuple[float, str]] = {}
+        """Model id -> when its engine process last died, and why."""
+        self.failed: dict[str, str] = {}
+        """Models refused until loaded again explicitly: died twice within CRASH_WINDOW."""
 
     @property
     def loaded(self) -> dict[str, Engine]:
@@ -85,6 +92,16 @@ class ModelPool:
         cancelled while it waits (a client that left) never abandons a half-loaded model.
         """
         entry = self._models.get(model_id)
+        if entry is not None and _dead(entry.engine):
+            self._bury(model_id, entry)
+            entry = None
+        if entry is None and model_id in self.failed:
+            raise ServiceUnavailableError(
+                f"model '{model_id}' failed and is not reloaded (its engine died twice within"
+                f" {CRASH_WINDOW:.0f} s): {self.failed[model_id]}; load it again with POST"
+                f" /v1/models/{model_id}/load",
+                headers={"Retry-After": "30"},
+            )
         if entry is None:
             task = self._tasks.get(model_id)
             if task is None:
@@ -144,6 +161,36 @@ class ModelPool:
         log.info("model %s loaded in %.1f s: %s", model_id, seconds, describe(engine, need))
         return entry
 
+    def _bury(self, model_id: str, entry: Loaded) -> None:
+        """Forget a model whose engine process died; a second death within
+        CRASH_WINDOW marks it failed (no crash loop)."""
+        if self._models.get(model_id) is entry:
+            del self._models[model_id]
+        engine: Any = entry.engine
+        reason = str(engine.dead)
+        died_at = float(getattr(engine, "died_at", None) or time.monotonic())
+        last = self.deaths.get(model_id)
+        if last is not None and died_at - last[0] < CRASH_WINDOW:
+            self.failed[model_id] = reason
+            log.error("model %s is marked failed: its engine died twice in a row", model_id)
+        self.deaths[model_id] = (died_at, reason)
+        try:
+            engine.close()  # reaps the dead process
+        except Exception:
+            log.exception("closing the dead engine of %s failed", model_id)
+
+    def bury_dead(self) -> list[str]:
+        """Forget every model whose engine process died (called by the reaper)."""
+        dead = [(k, m) for k, m in self._models.items() if _dead(m.engine)]
+        for model_id, entry in dead:
+            self._bury(model_id, entry)
+        return [k for k, _ in dead]
+
+    def clear_failure(self, model_id: str) -> None:
+        """An explicit load: a failed model may be tried again."""
+        self.failed.pop(model_id, None)
+        self.deaths.pop(model_id, None)
+
     def _used_bytes(self) -> int:
         return sum(m.bytes for m in self._models.values())
 
@@ -196,6 +243,7 @@ class ModelPool:
         """Unload the idle models whose keep_alive has run out; their ids."""
         gone: list[str] = []
         async with self._lock:
+            self.bury_dead()
             now = time.monotonic()
             for model_id, entry in list(self._models.items()):
                 if entry.engine.busy:
@@ -225,6 +273,10 @@ class ModelPool:
             out.append(
                 {
                     "model": model_id,
+                    "state": "dead" if _dead(m.engine) else "loaded",
+                    "pid": health.get("pid"),
+                    "rss_bytes": health.get("rss_bytes"),
+                    "error": health.get("error"),
                     "memory_bytes": m.bytes,
                     "loaded_at": int(m.loaded_at),
                     "load_seconds": round(m.load_seconds, 2),
@@ -236,13 +288,23 @@ class ModelPool:
                 }
             )
         for model_id, since in self.loading.items():
-            out.append({"model": model_id, "loading_seconds": round(now - since, 1)})
+            out.append(
+                {"model": model_id, "state": "loading", "loading_seconds": round(now - since, 1)}
+            )
+        for model_id, reason in self.failed.items():
+            if model_id not in self._models:
+                out.append({"model": model_id, "state": "failed", "error": reason})
         return out
 
     def close(self) -> None:
         for entry in self._models.values():
             entry.engine.close()
         self._models.clear()
+
+
+def _dead(engine: Engine) -> bool:
+    """An engine whose process died (a ProcessEngine's `dead` says why)."""
+    return bool(getattr(engine, "dead", None))
 
 
 def _gib(n: int) -> str:
@@ -258,9 +320,12 @@ def describe(engine: Engine, estimate: int) -> str:
     if info.kv_bytes:
         parts.append(f"KV cache {_gib(info.kv_bytes)} ({info.kv_type})")
     parts.append(f"weights {_gib(info.size_bytes)}")
+    health = engine.health()
+    if health.get("pid"):
+        parts.append(f"engine pid {health['pid']}, RSS {_gib(int(health.get('rss_bytes') or 0))}")
     rss = resident_bytes()
     if rss:
-        parts.append(f"process RSS {_gib(rss)}")
+        parts.append(f"API process RSS {_gib(rss)}")
     if estimate:
         parts.append(f"estimate {_gib(estimate)}")
     return ", ".join(parts)

@@ -17,10 +17,10 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -49,10 +49,15 @@ MAX_REWINDS = 256
 MAX_BANS_AT_POSITION = 64
 
 
-class _Handle:
-    """The caller's side of a submitted request: an async iterator of step outputs."""
+class _Cancels(Protocol):
+    def cancel(self, request_id: int) -> None: ...
 
-    def __init__(self, engine: LlamaEngine, request_id: int, n: int) -> None:
+
+class StepHandle:
+    """The caller's side of a submitted request: an async iterator of step outputs (the
+    engine process's parent side uses it too)."""
+
+    def __init__(self, engine: _Cancels, request_id: int, n: int) -> None:
         self._engine = engine
         self.request_id = request_id
         self._loop = asyncio.get_running_loop()
@@ -96,7 +101,8 @@ class _Seq:
     request_id: int
     index: int
     request: GenerationRequest
-    handle: _Handle
+    handle: StepHandle | None
+    """None in an engine process: outputs go to the engine's `deliver` sink."""
     parent: _Seq | None = None
     sampler: SeqSampler | None = None
     stream: TextStream = field(default_factory=TextStream)
@@ -164,6 +170,7 @@ class LlamaEngine:
         max_queue: int = 64,
         cache_reuse: int = 0,
         prompt_cache: PromptCache | None = None,
+        deliver: Callable[[list[tuple[int, list[SeqOutput]]]], None] | None = None,
     ) -> None:
         self.model = LlamaModel(path, options)
         # Chunk reuse needs a memory whose cells can move (not recurrent state, not M-RoPE).
@@ -175,6 +182,8 @@ class LlamaEngine:
         self._batch = Batch(options.n_batch)
         self._n_batch = options.n_batch
         self._ids = itertools.count(1)
+        self._sink = deliver
+        """In an engine process: each step's outputs by request id, in one call."""
         self._cond = threading.Condition()
         self._incoming: deque[list[_Seq]] = deque()  # guarded by _cond
         self._cancelled: set[int] = set()  # guarded by _cond
@@ -206,8 +215,23 @@ class LlamaEngine:
     def grammar_error(self, grammar: str) -> str | None:
         return self.model.grammar_error(grammar)
 
-    def submit(self, request: GenerationRequest) -> _Handle:
+    def submit(self, request: GenerationRequest) -> StepHandle:
         """Queue a request; raises QueueFullError when the wait queue is full."""
+        with self._cond:
+            self._check(request)
+            request_id = next(self._ids)
+            handle = StepHandle(self, request_id, request.n)
+            self._queue(request_id, request, handle)
+        return handle
+
+    def submit_as(self, request: GenerationRequest, request_id: int) -> None:
+        """Queue a request under the caller's id; its outputs go to the `deliver` sink
+        (the engine process's way: the API process holds the handles)."""
+        with self._cond:
+            self._check(request)
+            self._queue(request_id, request, None)
+
+    def _check(self, request: GenerationRequest) -> None:
         if not request.prompt_tokens:
             # Nothing to decode: the slot would never produce logits to sample from.
             raise BadRequestError("the prompt is empty", param="prompt")
@@ -215,22 +239,22 @@ class LlamaEngine:
             raise ServiceUnavailableError(f"the engine stopped: {self._fatal}")
         if self._stopping:
             raise ServiceUnavailableError("the server is shutting down")
-        with self._cond:
-            if self._queued >= self.max_queue:
-                raise QueueFullError(
-                    "too many requests are waiting; try again shortly",
-                    headers={"Retry-After": "1"},
-                )
-            request_id = next(self._ids)
-            handle = _Handle(self, request_id, request.n)
-            first = _Seq(request_id, 0, request, handle)
-            seqs = [first] + [
-                _Seq(request_id, i, request, handle, parent=first) for i in range(1, request.n)
-            ]
-            self._incoming.append(seqs)
-            self._queued += 1
-            self._cond.notify()
-        return handle
+        if self._queued >= self.max_queue:
+            raise QueueFullError(
+                "too many requests are waiting; try again shortly",
+                headers={"Retry-After": "1"},
+            )
+
+    def _queue(
+        self, request_id: int, request: GenerationRequest, handle: StepHandle | None
+    ) -> None:
+        first = _Seq(request_id, 0, request, handle)
+        seqs = [first] + [
+            _Seq(request_id, i, request, handle, parent=first) for i in range(1, request.n)
+        ]
+        self._incoming.append(seqs)
+        self._queued += 1
+        self._cond.notify()
 
     def cancel(self, request_id: int) -> None:
         with self._cond:
@@ -716,16 +740,23 @@ class LlamaEngine:
         """Hand the step's outputs to each request's loop: one call per loop per step."""
         if not out:
             return
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Handle, list[SeqOutput]]]] = {}
-        by_handle: dict[_Handle, list[SeqOutput]] = {}
+        if self._sink is not None:
+            by_id: dict[int, list[SeqOutput]] = {}
+            for seq, o in out:
+                by_id.setdefault(seq.request_id, []).append(o)
+            self._sink(list(by_id.items()))
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[StepHandle, list[SeqOutput]]]] = {}
+        by_handle: dict[StepHandle, list[SeqOutput]] = {}
         for seq, o in out:
+            assert seq.handle is not None
             by_handle.setdefault(seq.handle, []).append(o)
         for handle, outputs in by_handle.items():
             by_loop.setdefault(handle._loop, []).append((handle, outputs))
         for loop, items in by_loop.items():
             # A closed loop means nobody is listening any more.
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_dispatch, items)
+                loop.call_soon_threadsafe(dispatch, items)
 
     def _fail_all(self, message: str) -> None:
         with self._cond:
@@ -765,6 +796,6 @@ def merge_steps(steps: list[list[SeqOutput]]) -> list[SeqOutput]:
     return list(merged.values())
 
 
-def _dispatch(items: list[tuple[_Handle, list[SeqOutput]]]) -> None:
+def dispatch(items: list[tuple[StepHandle, list[SeqOutput]]]) -> None:
     for handle, outputs in items:
         handle._put(outputs)

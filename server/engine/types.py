@@ -109,6 +109,8 @@ class SeqOutput:
     completion_tokens: int = 0
     stop_string: str | None = None
     """The stop string that ended the choice, when one did."""
+    unavailable: bool = False
+    """With `error`: the engine itself is gone (its process died): a 503, not a 500."""
 
 
 @dataclass(frozen=True)

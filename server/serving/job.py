@@ -29,6 +29,7 @@ from server.errors import (
     BadRequestError,
     ContextLengthError,
     EngineError,
+    EngineGoneError,
     HostlerError,
     ModelLoadError,
     NotFoundError,
@@ -136,6 +137,8 @@ class Job:
                     self._totals.add(o)
                     if o.error:
                         finish = "error"
+                        if o.unavailable:
+                            raise EngineGoneError(o.error, headers={"Retry-After": "1"})
                         raise EngineError(o.error)
                     if o.finish_reason and o.index == 0:
                         finish = o.finish_reason

@@ -140,45 +140,46 @@ def embedding_options(spec: ModelSpec, settings: Settings, path: Path) -> Contex
 
 
 def make_loader(registry: Registry, settings: Settings) -> Callable[[str], Engine]:
-    """The production loader: find the file, verify it, start a LlamaEngine on it (an
-    EmbeddingEngine for an embedding model)."""
+    """The production loader: find the file, verify it, start its engine process (an
+    EmbeddingEngine for an embedding model, else a LlamaEngine, each in a child process
+    of its own: engine/process.py)."""
 
     def load(model_id: str) -> Engine:
-        from server.engine.cache import open_cache
-        from server.engine.embedding import EmbeddingEngine
-        from server.engine.scheduler import LlamaEngine
+        from server.engine.process import ProcessEngine
 
         spec = registry.get(model_id)
         path = _model_file(registry, model_id)
         if spec.embedding:
-            return EmbeddingEngine(
-                path,
-                embedding_options(spec, settings, path),
-                max_queue=settings.max_queue,
-                batch_tokens=spec.batch_size or settings.batch_size,
+            kwargs: dict[str, object] = {
+                "max_queue": settings.max_queue,
+                "batch_tokens": spec.batch_size or settings.batch_size,
+            }
+            options = embedding_options(spec, settings, path)
+            return ProcessEngine(
+                model_id, "embedding", path, options, kwargs, max_queue=settings.max_queue
             )
         options = context_options(spec, settings, path)
-        cache = open_cache(
-            path,
-            {
-                "n_ctx": options.n_ctx,
-                "flash_attn": options.flash_attn,
-                "gpu": options.n_gpu_layers != 0,
-                "kv": options.kv_type,
-            },
-            ram_mib=settings.cache_ram_mib,
-            disk_gib=settings.cache_disk_gib,
-            folder=settings.cache_dir,
-        )
         reuse = spec.cache_reuse if settings.cache_reuse is None else settings.cache_reuse
-        try:
-            return LlamaEngine(
-                path, options, max_queue=settings.max_queue, cache_reuse=reuse, prompt_cache=cache
-            )
-        except BaseException:
-            if cache is not None:
-                cache.close()
-            raise
+        cache = None
+        if settings.cache_ram_mib > 0 or settings.cache_disk_gib > 0:
+            cache = {
+                "settings": {
+                    "n_ctx": options.n_ctx,
+                    "flash_attn": options.flash_attn,
+                    "gpu": options.n_gpu_layers != 0,
+                    "kv": options.kv_type,
+                },
+                "ram_mib": settings.cache_ram_mib,
+                "disk_gib": settings.cache_disk_gib,
+                "folder": settings.cache_dir,
+            }
+        kwargs = {
+            # The API process bounds the queue (slots + max_queue open requests).
+            "max_queue": settings.max_queue + options.slots,
+            "cache_reuse": reuse,
+            "prompt_cache": cache,
+        }
+        return ProcessEngine(model_id, "chat", path, options, kwargs, max_queue=settings.max_queue)
 
     return load
 

@@ -27,12 +27,12 @@ def _free_port() -> int:
 class Server:
     """A `hostler serve` subprocess on SmolLM2, on a free loopback port."""
 
-    def __init__(self, log: Path, *args: str) -> None:
+    def __init__(self, log: Path, *args: str, model: str = "smollm2-135m") -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         cmd = [
-            sys.executable, "-m", "server", "serve", "--model", "smollm2-135m",
+            sys.executable, "-m", "server", "serve", "--model", model,
             "--host", "127.0.0.1", "--port", str(self.port),
             "--models-file", str(ROOT / "models.yaml"), *args,
         ]  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fastapi import APIRouter
@@ -27,6 +28,15 @@ async def health(models: ModelsDep) -> JSONResponse:
         "models": engines,
         "rss_bytes": resident_bytes() or None,
     }
+    now = time.monotonic()
+    deaths = {
+        model: {"error": why, "seconds_ago": round(now - when, 1)}
+        for model, (when, why) in models.pool.deaths.items()
+    }
+    if deaths:
+        body["engine_deaths"] = deaths  # reloaded on the next request, unless failed
+    if models.pool.failed:
+        body["failed"] = dict(models.pool.failed)
     return JSONResponse(body, status_code=200 if ok else 503)
 
 

@@ -26,6 +26,8 @@ async def loaded_models(models: ModelsDep) -> dict[str, Any]:
 
 @router.post("/models/{model_id:path}/load")
 async def load_model(model_id: str, models: ModelsDep) -> dict[str, Any]:
+    """Loads the model (also one marked failed after repeated engine deaths)."""
+    models.pool.clear_failure(models.resolve(model_id).id)
     served = await models.get(model_id)
     entry = next(s for s in models.status() if s["model"] == served.spec.id)
     return {"model": served.spec.id, "loaded": True, **entry}
