@@ -487,7 +487,12 @@ class LlamaEngine:
         assert self.cache is not None
         state = self.cache.state_of(entry)
         slot.tokens, slot.shared_until = [], 0
-        if state is None or not self.model.state_set(slot.id, state):
+        if state is None:
+            # An unusable entry: the slot starts empty (its old cells must not stay, or
+            # the prefill's positions would collide with them).
+            self.model.seq_rm(slot.id, -1, -1)
+            return 0
+        if not self.model.state_set(slot.id, state):
             return 0
         slot.tokens = entry.tokens[:n].tolist()
         if not self.model.seq_rm(slot.id, n, -1):
