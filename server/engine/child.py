@@ -8,10 +8,10 @@ goes away (it dies with its parent: PR_SET_PDEATHSIG, and EOF on the socket).
 
 Messages (tuples, pickled by multiprocessing's Connection):
   parent -> child: ("submit", id, GenerationRequest) ("cancel", id) ("embed", id, inputs)
-                   ("cancel_embed", id) ("grammar", id, text) ("health", id) ("close",)
-  child -> parent: ("ready", ModelInfo, pid) ("load_error", message)
-                   ("step", [(id, [SeqOutput, ...]), ...])   one per engine step
-                   ("embedded", id, vectors | None, error | None, status)
+                   ("cancel_embed", id) ("grammar", id, text) ("close",)
+  child -> parent: ("ready", ModelInfo, pid, health) ("load_error", message)
+                   ("step", [(id, [SeqOutput, ...]), ...], health | None)  one a step
+                   ("embedded", id, vectors | None, error | None, status, health)
                    ("reply", id, value) ("closed",)
 """
 
@@ -24,8 +24,11 @@ import os
 import signal
 import sys
 import threading
+import time
 from multiprocessing.connection import Connection
 from typing import Any
+
+HEALTH_EVERY = 0.1  # seconds between health snapshots riding on step messages
 
 
 def _die_with_parent() -> None:
@@ -44,15 +47,23 @@ class _Child:
         self.engine: Any = None
         self.embed_cancels: dict[int, Any] = {}
         self._stop = threading.Event()
+        self._health_at = 0.0
 
     def send(self, msg: tuple[Any, ...]) -> None:
         with self._send_lock:
             self.conn.send(msg)
 
     def step(self, items: list[tuple[int, list[Any]]]) -> None:
-        """The scheduler's sink: one message per engine step."""
+        """The scheduler's sink: one message per engine step, with the engine's health
+        when a choice finished or HEALTH_EVERY has passed (the parent's /health reads
+        that snapshot: no round trip, and fresh when a reply is)."""
+        now = time.monotonic()
+        health = None
+        finished = any(o.finish_reason for _, outs in items for o in outs)
+        if finished or now - self._health_at >= HEALTH_EVERY:
+            health, self._health_at = self.engine.health(), now
         try:
-            self.send(("step", items))
+            self.send(("step", items, health))
         except OSError:
             self._stop.set()  # the parent is gone
 
@@ -129,7 +140,8 @@ class _Child:
             def done(out: Any, exc: Any, job_id: int = job_id) -> None:
                 self.embed_cancels.pop(job_id, None)
                 status = getattr(exc, "status", 500)
-                self.send(("embedded", job_id, out, None if exc is None else str(exc), status))
+                error = None if exc is None else str(exc)
+                self.send(("embedded", job_id, out, error, status, self.engine.health()))
 
             self.embed_cancels[job_id] = self.engine.start(msg[2], done)
         elif kind == "cancel_embed":
@@ -138,8 +150,7 @@ class _Child:
                 cancel()
         elif kind == "grammar":
             self.send(("reply", msg[1], self.engine.grammar_error(msg[2])))
-        elif kind == "health":
-            self.send(("reply", msg[1], self.engine.health()))
+
 
     def fail(self, msg: tuple[Any, ...], exc: Exception) -> None:
         from server.engine.types import SeqOutput
@@ -150,9 +161,9 @@ class _Child:
             outs = [SeqOutput(index=i, finish_reason="error", error=str(exc)) for i in range(n)]
             self.step([(msg[1], outs)])
         elif kind == "embed":
-            self.send(("embedded", msg[1], None, str(exc), status))
-        elif kind in ("grammar", "health"):
-            self.send(("reply", msg[1], str(exc) if kind == "grammar" else {"status": "error"}))
+            self.send(("embedded", msg[1], None, str(exc), status, None))
+        elif kind == "grammar":
+            self.send(("reply", msg[1], str(exc)))
 
 
 def main(argv: list[str]) -> int:
@@ -176,7 +187,7 @@ def main(argv: list[str]) -> int:
         logging.getLogger("hostler.engine").debug("load failed", exc_info=True)
         child.send(("load_error", str(exc) or type(exc).__name__))
         return 1
-    child.send(("ready", child.engine.info, os.getpid()))
+    child.send(("ready", child.engine.info, os.getpid(), child.engine.health()))
     child.serve()
     return 0
 

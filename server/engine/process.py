@@ -121,7 +121,6 @@ class ProcessEngine:
         try:
             self._conn.send((kind, str(path), options, kwargs))
             self.info: ModelInfo = self._wait_ready()
-            self._health = {"status": "ok", "slots": self.info.slots, "slots_busy": 0}
         except BaseException:
             self._kill()
             self._vocab.close()
@@ -143,6 +142,7 @@ class ProcessEngine:
                     break
                 if msg[0] == "ready":
                     info: ModelInfo = msg[1]
+                    self._health = msg[3]
                     return info
                 if msg[0] == "load_error":
                     raise ModelLoadError(str(msg[1]))
@@ -221,8 +221,10 @@ class ProcessEngine:
         return handle
 
     def cancel(self, request_id: int) -> None:
+        """The engine process ends the request; its last outputs (finish "cancelled")
+        end the handle, as in-process."""
         with self._lock:
-            known = self._handles.pop(request_id, None) is not None
+            known = request_id in self._handles
         if known and self.dead is None:
             with contextlib.suppress(OSError, ServiceUnavailableError):
                 self._send(("cancel", request_id))
@@ -251,14 +253,10 @@ class ProcessEngine:
         return self._vocab.rerank_pair(query, document)
 
     def health(self) -> dict[str, Any]:
-        """The engine's own health, asked of its process (the last answer if it is slow
-        to give one), with the process's pid and resident memory."""
+        """The engine's health as its last step (or reply) carried it, with the
+        process's pid and resident memory: no round trip."""
         if self.dead is not None:
             return {"status": "error", "error": self.dead, "pid": self.pid}
-        with contextlib.suppress(HostlerError):
-            value = self._call("health", None, timeout=2.0)
-            if isinstance(value, dict):
-                self._health = value
         return {**self._health, "pid": self.pid, "rss_bytes": rss_bytes(self.pid)}
 
     @property
@@ -306,8 +304,12 @@ class ProcessEngine:
                 break
             kind = msg[0]
             if kind == "step":
+                if msg[2] is not None:
+                    self._health = msg[2]
                 self._deliver(msg[1])
             elif kind == "embedded":
+                if msg[5] is not None:
+                    self._health = msg[5]
                 self._embedded(msg[1], msg[2], msg[3], msg[4])
             elif kind == "reply":
                 with self._lock:
@@ -327,7 +329,7 @@ class ProcessEngine:
             for rid, outputs in items:
                 entry = self._handles.get(rid)
                 if entry is None:
-                    continue  # cancelled here already
+                    continue  # ended already
                 handle, open_ = entry
                 for o in outputs:
                     if o.finish_reason is not None:
