@@ -151,7 +151,6 @@ class _Child:
         elif kind == "grammar":
             self.send(("reply", msg[1], self.engine.grammar_error(msg[2])))
 
-
     def fail(self, msg: tuple[Any, ...], exc: Exception) -> None:
         from server.engine.types import SeqOutput
 
