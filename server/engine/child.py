@@ -171,6 +171,9 @@ def main(argv: list[str]) -> int:
     # a SIGTERM sent to the whole group (systemd) must not cut them off.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # The engine thread and this thread (which reads the parent's messages) share the
+    # GIL: a short switch interval keeps a new request from waiting up to 5 ms for it.
+    sys.setswitchinterval(0.0005)
     conn = Connection(int(argv[1]))
     level = os.environ.get("HOSTLER_CHILD_LOG_LEVEL", "WARNING").upper()
     logging.basicConfig(
