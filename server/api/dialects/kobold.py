@@ -19,7 +19,7 @@ from server.api.deps import CompletionsDep, EmbeddingsDep, KeyDep, ModelsDep, Se
 from server.api.dialects.tokens import encode
 from server.api.keys import KeyState
 from server.api.respond import caller_of, until_disconnected
-from server.api.routes.embeddings import extras, finished, json_response, openai_list
+from server.api.routes.embeddings import embed, json_response, openai_list
 from server.api.sse import sse_response
 from server.protocol.completions import Completion, CompletionRequest, completion_from
 from server.protocol.embeddings import KoboldEmbeddingRequest
@@ -159,15 +159,7 @@ async def embeddings(
 ) -> Response:
     """OpenAI's shape, as KoboldCpp answers (SillyTavern's koboldcpp source, KoboldAI
     Lite's TextDB); `truncate` is on unless told otherwise."""
-    work = service.embed(
-        body.input,
-        body.model,
-        caller_of(request, key),
-        truncate=body.truncate,
-        dimensions=body.dimensions,
-        ignored=extras(body),
-    )
-    result = await finished(request, work)
+    result = await embed(body, request, service, key)
     if isinstance(result, Response):
         return result
     return json_response(openai_list(result, body.encoding_format), result.ignored)

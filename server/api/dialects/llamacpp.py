@@ -27,7 +27,7 @@ from server.api.deps import (
 )
 from server.api.dialects.tokens import decode, encode
 from server.api.respond import caller_of, until_disconnected
-from server.api.routes.embeddings import extras, finished, json_response, rerank
+from server.api.routes.embeddings import embed, json_response, rerank
 from server.api.sse import sse_response
 from server.protocol.chat import ChatCompletionRequest
 from server.protocol.completions import (
@@ -198,15 +198,7 @@ async def embeddings(
     body: LlamaEmbeddingRequest, request: Request, service: EmbeddingsDep, key: KeyDep
 ) -> Response:
     """llama-server's native shape: [{index, embedding: [vector]}] (one pooled vector)."""
-    work = service.embed(
-        body.input,
-        body.model,
-        caller_of(request, key),
-        truncate=body.truncate,
-        dimensions=body.dimensions,
-        ignored=extras(body),
-    )
-    result = await finished(request, work)
+    result = await embed(body, request, service, key)
     if isinstance(result, Response):
         return result
     out = [{"index": i, "embedding": [v]} for i, v in enumerate(result.vectors)]

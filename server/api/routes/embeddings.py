@@ -12,9 +12,10 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from server.api.deps import EmbeddingsDep, KeyDep
+from server.api.keys import KeyState
 from server.api.respond import caller_of, until_disconnected
 from server.protocol.embeddings import EmbeddingRequest, RerankRequest
-from server.serving.embeddings import Embeddings, Ranking
+from server.serving.embeddings import Embeddings, EmbeddingService, Ranking
 
 router = APIRouter()
 
@@ -71,10 +72,10 @@ def extras(body: Any) -> list[str]:
     return sorted(body.model_extra or {})
 
 
-@router.post("/embeddings", response_model=None)
-async def embeddings(
-    body: EmbeddingRequest, request: Request, service: EmbeddingsDep, key: KeyDep
-) -> Response:
+async def embed(
+    body: EmbeddingRequest, request: Request, service: EmbeddingService, key: KeyState
+) -> Embeddings | Response:
+    """Run an OpenAI-shaped embedding body (OpenAI's, KoboldCpp's, llama.cpp's routes)."""
     work = service.embed(
         body.input,
         body.model,
@@ -83,7 +84,14 @@ async def embeddings(
         dimensions=body.dimensions,
         ignored=extras(body),
     )
-    result = await finished(request, work)
+    return await finished(request, work)
+
+
+@router.post("/embeddings", response_model=None)
+async def embeddings(
+    body: EmbeddingRequest, request: Request, service: EmbeddingsDep, key: KeyDep
+) -> Response:
+    result = await embed(body, request, service, key)
     if isinstance(result, Response):
         return result
     return json_response(openai_list(result, body.encoding_format), result.ignored)
