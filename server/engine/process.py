@@ -41,6 +41,7 @@ from server.engine.types import GenerationRequest, ModelInfo, SeqOutput
 from server.errors import (
     BadRequestError,
     EngineError,
+    EngineGoneError,
     HostlerError,
     ModelLoadError,
     QueueFullError,
@@ -52,10 +53,6 @@ log = logging.getLogger("hostler.engine")
 LOAD_TIMEOUT = 600.0
 CLOSE_TIMEOUT = 60.0
 STDERR_LINES = 30
-
-
-class EngineDied(ServiceUnavailableError):
-    """The engine process of a model died while serving."""
 
 
 def describe_exit(code: int | None) -> str:
@@ -283,7 +280,7 @@ class ProcessEngine:
 
     def _alive(self) -> None:
         if self.dead is not None:
-            raise EngineDied(self.dead, headers={"Retry-After": "1"})
+            raise EngineGoneError(self.dead, headers={"Retry-After": "1"})
 
     def _send(self, msg: tuple[Any, ...]) -> None:
         try:
@@ -324,7 +321,7 @@ class ProcessEngine:
         self._died(self._exit_code(timeout=5))
 
     def _deliver(self, items: list[tuple[int, list[SeqOutput]]]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[StepHandle, list[SeqOutput]]]] = {}
+        grouped: list[tuple[StepHandle, list[SeqOutput]]] = []
         with self._lock:
             for rid, outputs in items:
                 entry = self._handles.get(rid)
@@ -336,10 +333,8 @@ class ProcessEngine:
                         open_.discard(o.index)
                 if not open_:
                     del self._handles[rid]
-                by_loop.setdefault(handle._loop, []).append((handle, outputs))
-        for loop, grouped in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody listens
-                loop.call_soon_threadsafe(dispatch, grouped)
+                grouped.append((handle, outputs))
+        _to_loops(grouped)
 
     def _embedded(self, jid: int, out: Any, error: str | None, status: int) -> None:
         with self._lock:
@@ -369,27 +364,33 @@ class ProcessEngine:
             handles, self._handles = self._handles, {}
             jobs, self._jobs = self._jobs, {}
             replies, self._replies = self._replies, {}
-        items = [
-            (h, [SeqOutput(index=i, finish_reason="error", error=message, unavailable=True)
-                 for i in sorted(open_)])
-            for h, open_ in handles.values()
-        ]  # fmt: skip
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[StepHandle, list[SeqOutput]]]] = {}
-        for handle, outputs in items:
-            by_loop.setdefault(handle._loop, []).append((handle, outputs))
-        for loop, grouped in by_loop.items():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(dispatch, grouped)
+        _to_loops(
+            [
+                (h, [SeqOutput(index=i, finish_reason="error", error=message, unavailable=True)
+                     for i in sorted(open_)])
+                for h, open_ in handles.values()
+            ]
+        )  # fmt: skip
         for loop, future in jobs.values():
 
             def fail(future: asyncio.Future[Any] = future) -> None:
                 if not future.done():
-                    future.set_exception(EngineDied(message, headers={"Retry-After": "1"}))
+                    future.set_exception(EngineGoneError(message, headers={"Retry-After": "1"}))
 
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(fail)
         for event, _box in replies.values():
             event.set()
+
+
+def _to_loops(items: list[tuple[StepHandle, list[SeqOutput]]]) -> None:
+    """Hand outputs to their handles: one call per event loop, as the scheduler does."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[StepHandle, list[SeqOutput]]]] = {}
+    for handle, outputs in items:
+        by_loop.setdefault(handle._loop, []).append((handle, outputs))
+    for loop, grouped in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody listens
+            loop.call_soon_threadsafe(dispatch, grouped)
 
 
 def _error(status: int, message: str) -> HostlerError:
