@@ -20,6 +20,12 @@ gets a second process with --embeddings, as its users run it):
     scripts/bench.py --hostler --llama-server ~/cache/llama-server --slots 4 \
         --scenarios embeddings
 
+The status page's cost: decode speed alone, with the page open in headless Chromium
+(Debian's chromium, driven by Playwright), and with four bare feeds reading
+/status/events, taken in turn each round (needs only --hostler):
+
+    scripts/bench.py --hostler --rounds 10 --tokens 128 --scenarios status-page
+
 Long-chat scenarios (prompt caches), against llama-server with and without
 `--cache-reuse 256`, on 2 slots:
 
@@ -252,6 +258,77 @@ async def sample_embeddings(
     }
 
 
+class StatusWatchers:
+    """The status page open in headless Chromium, or bare feeds reading its events."""
+
+    def __init__(self) -> None:
+        self._pw: Any = None
+        self._browser: Any = None
+
+    async def page(self, url: str) -> Callable[[], Any]:
+        """Open the page (the browser starts once); the returned call closes it."""
+        if self._browser is None:
+            from playwright.async_api import async_playwright
+
+            self._pw = await async_playwright().start()
+            self._browser = await self._pw.chromium.launch(
+                executable_path=os.environ.get("HOSTLER_CHROMIUM", "/usr/bin/chromium"),
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+            )
+        page = await self._browser.new_page()
+        await page.goto(url.removesuffix("/v1") + "/")
+        await page.wait_for_selector(".connection.live", timeout=15000)
+        return page.close
+
+    async def feeds(self, client: httpx.AsyncClient, url: str, n: int) -> Callable[[], Any]:
+        async def read() -> None:
+            async with client.stream("GET", url.removesuffix("/v1") + "/status/events") as r:
+                async for _ in r.aiter_bytes():
+                    pass
+
+        tasks = [asyncio.ensure_future(read()) for _ in range(n)]
+        await asyncio.sleep(1.0)
+
+        async def close() -> None:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        return close
+
+    async def close(self) -> None:
+        if self._browser is not None:
+            await self._browser.close()
+            await self._pw.stop()
+
+
+async def sample_status_page(
+    client: httpx.AsyncClient,
+    t: Target,
+    args: argparse.Namespace,
+    round_no: int,
+    watchers: StatusWatchers,
+) -> Sample:
+    """Decode speed with nothing watching, with the page open and with four bare feeds,
+    in an order that turns each round."""
+    out: Sample = {}
+    kinds = ["closed", "page open", "4 feeds"]
+    shift = round_no % len(kinds)
+    for kind in kinds[shift:] + kinds[:shift]:
+        close = None
+        if kind == "page open":
+            close = await watchers.page(t.url)
+        elif kind == "4 feeds":
+            close = await watchers.feeds(client, t.url, 4)
+        try:
+            got = await sample_single(client, t, args)
+        finally:
+            if close is not None:
+                await close()
+        out[f"decode tok/s, {kind}"] = got["decode tok/s"]
+    return out
+
+
 def _user(chat: int, k: int) -> dict[str, str]:
     text = f"(chat {chat}, turn {k}) I sit by the window and ask about the storm, the ships "
     return {"role": "user", "content": text + "and the old war, and I order more tea. " * 2}
@@ -348,6 +425,8 @@ def run_rounds(targets: list[Target], args: argparse.Namespace) -> dict[str, lis
     Servers in --one-round (slow peers) give one sample per metric."""
     samples: dict[str, dict[str, list[float]]] = {t.name: {} for t in targets}
 
+    watchers = StatusWatchers()
+
     async def run() -> None:
         async with httpx.AsyncClient(timeout=600) as client:
             for t in targets:
@@ -375,15 +454,28 @@ def run_rounds(targets: list[Target], args: argparse.Namespace) -> dict[str, lis
                             got = await sample_claude_code(client, t, args, i)
                         elif kind == "embeddings":
                             got = await sample_embeddings(client, t, args, i)
+                        elif kind == "status-page":
+                            got = await sample_status_page(client, t, args, i, watchers)
                         else:
                             got = await sample_turns(client, t, args, i)
                         print(f"{t.name} {got}", file=sys.stderr)
                         for m, v in got.items():
                             samples[t.name].setdefault(m, []).append(v)
 
-    asyncio.run(run())
+    async def run_all() -> None:
+        try:
+            await run()
+        finally:
+            await watchers.close()
+
+    asyncio.run(run_all())
     for t in targets:
         t.results = {m: statistics.median(v) for m, v in samples[t.name].items()}
+        base = samples[t.name].get("decode tok/s, closed")
+        for m in ("decode tok/s, page open", "decode tok/s, 4 feeds"):
+            if base and m in samples[t.name]:  # paired: the same round's closed sample
+                pairs = [a / b for a, b in zip(samples[t.name][m], base, strict=False)]
+                t.results[m.replace("decode tok/s", "ratio to closed")] = statistics.median(pairs)
         t.results["failed requests"] = t.errors
     # Paired ratios of the first target against each peer, over the rounds both ran.
     ratios: dict[str, list[float]] = {}
@@ -474,7 +566,7 @@ def main() -> int:
         type=lambda s: s.split(","),
         default=["single", "aggregate", "turns"],
         help="comma list of: single, aggregate, turns, trimmed, rotating, restart,"
-        " claude-code, embeddings",
+        " claude-code, embeddings, status-page",
     )
     p.add_argument("--embed-inputs", type=int, default=64, help="embeddings: inputs a request")
     p.add_argument("--embed-ctx", type=int, default=2048, help="embeddings: model context")

@@ -23,18 +23,28 @@ from server.api.dialects.anthropic import routes as anthropic
 from server.api.guard import Guard
 from server.api.keys import KeyRing
 from server.api.metrics import CONTENT_TYPE, CountRequests, Metrics
-from server.api.routes import chat, completions, embeddings, health, models, openrouter
+from server.api.routes import (
+    chat,
+    completions,
+    embeddings,
+    health,
+    models,
+    openrouter,
+    status,
+)
 from server.config import Settings
 from server.engine.pool import ModelPool
 from server.engine.types import Engine
 from server.errors import DownloadError
-from server.registry import ModelsFile, Registry, download, local_file
+from server.registry import ModelsFile, Registry, local_file
 from server.serving.chat import ChatService
 from server.serving.completions import CompletionService
+from server.serving.downloads import Downloads
 from server.serving.embeddings import EmbeddingService
 from server.serving.generations import GenerationLog
 from server.serving.job import JobFactory
 from server.serving.models import ModelService, make_check, make_estimate, make_loader
+from server.serving.status import StatusBoard
 
 log = logging.getLogger("hostler")
 
@@ -86,18 +96,27 @@ def create_app(
         app.state.completions = CompletionService(jobs)
         app.state.chat = ChatService(jobs, app.state.completions)
         app.state.embeddings = EmbeddingService(model_service)
+        downloads = Downloads(registry)
+        app.state.downloads = downloads
+        board = StatusBoard(
+            model_service, downloads, generations, key_required=lambda: not app.state.keys.open
+        )
+        app.state.status = board
         reaper = asyncio.ensure_future(_reap(pool))
+        ticker = asyncio.ensure_future(_tick(board))
         startup = None
         if settings.model:
             # Load in the background: meanwhile requests get 503 + Retry-After (as from
             # llama-server) instead of hanging on a port that accepts but never answers.
             model_service.starting = registry.get(settings.model).id
-            fetch = None if loader else _fetcher(registry)
+            fetch = None if loader else downloads
             startup = asyncio.ensure_future(_load_at_start(app, model_service, fetch))
         try:
             yield
         finally:
             reaper.cancel()
+            ticker.cancel()
+            downloads.close()
             if startup is not None:
                 startup.cancel()
                 with contextlib.suppress(BaseException):
@@ -116,6 +135,7 @@ def create_app(
     app.state.settings = settings
     app.state.keys = KeyRing(settings)
     app.state.draining = False
+    app.state.status_feeds = set()
     app.state.startup_error = None
     errors.install(app)
     if settings.cors_origins:
@@ -145,6 +165,8 @@ def create_app(
     app.include_router(api, prefix="/v1")
     app.include_router(api, prefix="/api/v1")
     app.include_router(health.router)
+    app.include_router(status.router)
+    app.include_router(status.data)
     # Foreign APIs at their own paths (llama-server's are at the root).
     keyed = [Depends(require_key)]
     app.include_router(llamacpp.router, dependencies=keyed)
@@ -155,27 +177,16 @@ def create_app(
     return app
 
 
-def _fetcher(registry: Registry) -> Callable[[str], None]:
-    def fetch(model_id: str) -> None:
-        spec = registry.get(model_id)
-        if local_file(spec) is None:
-            download(spec, progress=True)
-            log.info("model %s downloaded", model_id)
-
-    return fetch
-
-
-async def _load_at_start(
-    app: FastAPI, models: ModelService, fetch: Callable[[str], None] | None
-) -> None:
+async def _load_at_start(app: FastAPI, models: ModelService, fetch: Downloads | None) -> None:
     """Download (if need be) and load the start-up model; if it cannot, say why and stop
     the server."""
     model_id = models.starting
     assert model_id is not None
     try:
-        if fetch is not None:
+        spec = models.registry.get(model_id)
+        if fetch is not None and local_file(spec) is None:
             models.starting_phase = "downloading"
-            await asyncio.to_thread(fetch, model_id)
+            await fetch.fetch(spec, progress=True)  # the bar on the terminal too
             models.starting_phase = "loading"
         await models.pool.get(model_id)
     except Exception as exc:
@@ -188,6 +199,16 @@ async def _load_at_start(
         os.kill(os.getpid(), signal.SIGTERM)  # uvicorn shuts down; `hostler serve` exits 1
     finally:
         models.starting = None
+
+
+async def _tick(board: StatusBoard, every: float = 1.0) -> None:
+    """The status page's plot: one point a second."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            board.tick()
+        except Exception:
+            log.exception("the status page's tick failed")
 
 
 async def _reap(pool: ModelPool, every: float = 1.0) -> None:

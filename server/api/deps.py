@@ -15,6 +15,7 @@ from server.api.keys import KeyRing, KeyState
 from server.config import Settings
 from server.serving.chat import ChatService
 from server.serving.completions import CompletionService
+from server.serving.downloads import Downloads
 from server.serving.embeddings import EmbeddingService
 from server.serving.generations import GenerationLog
 from server.serving.models import ModelService
@@ -45,6 +46,11 @@ async def _models(request: Request) -> ModelService:
     return service
 
 
+async def _downloads(request: Request) -> Downloads:
+    downloads: Downloads = request.app.state.downloads
+    return downloads
+
+
 async def _generations(request: Request) -> GenerationLog:
     log: GenerationLog = request.app.state.generations
     return log
@@ -56,6 +62,7 @@ CompletionsDep = Annotated[CompletionService, Depends(_completions)]
 ModelsDep = Annotated[ModelService, Depends(_models)]
 EmbeddingsDep = Annotated[EmbeddingService, Depends(_embeddings)]
 GenerationsDep = Annotated[GenerationLog, Depends(_generations)]
+DownloadsDep = Annotated[Downloads, Depends(_downloads)]
 
 
 def bearer_token(request: Request) -> str | None:

@@ -37,6 +37,7 @@ def caller_of(request: Request, key: KeyState) -> Caller:
     return Caller(
         referer=request.headers.get("http-referer"),
         title=request.headers.get("x-title"),
+        route=request.url.path,
         on_usage=None if key.spec is None else key.add_tokens,
     )
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.engine.types import Engine
+from server.engine.types import Engine, ModelInfo
 from server.errors import ModelLoadError, ServiceUnavailableError
 
 log = logging.getLogger("hostler.pool")
@@ -283,6 +283,7 @@ class ModelPool:
                     "idle_seconds": 0.0 if busy else round(now - m.idle_since, 1),
                     "slots": health.get("slots"),
                     "slots_busy": health.get("slots_busy"),
+                    **_facts(m.engine.info),
                     "pinned": self._pinned(model_id),
                     "unloads_in_seconds": None if until is None else round(until, 1),
                 }
@@ -339,3 +340,18 @@ def resident_bytes() -> int:
     except (OSError, ValueError, IndexError):
         return 0
     return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def _facts(info: ModelInfo) -> dict[str, Any]:
+    """How a loaded model is laid out: context, KV type, layers on the GPU and the
+    estimated VRAM they take (their share of the file plus of the KV cache)."""
+    layers = info.n_layer + 1  # llama.cpp counts the output layer as one more
+    on_gpu = min(info.gpu_layers, layers)
+    share = on_gpu / layers
+    return {
+        "context": info.n_ctx,
+        "kv_type": info.kv_type,
+        "gpu_layers": on_gpu,
+        "layers": layers,
+        "vram_bytes": int((info.size_bytes + info.kv_bytes) * share),
+    }

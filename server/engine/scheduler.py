@@ -123,6 +123,8 @@ class _Seq:
     thinking: ThinkingGate | None = None
     forced: list[int] = field(default_factory=list)
     """Tokens to decode next without sampling (a thinking budget's close tag)."""
+    first_at: float = 0.0
+    """When its first token was sampled (the status page's tok/s per slot)."""
 
     @property
     def prefilling(self) -> bool:
@@ -149,6 +151,27 @@ class _Slot:
 # A cached state is restored only when it saves at least this many more tokens than the
 # best live slot: restoring copies the whole state, not just the shared part.
 MIN_RESTORE_GAIN = 32
+
+
+def _slot_view(slot: _Slot, now: float) -> dict[str, Any]:
+    """One slot for the status page: how many tokens its cells hold and, while busy, what
+    its request has done (never any of its text)."""
+    seq = slot.seq
+    if seq is None:
+        return {"id": slot.id, "busy": False, "tokens": len(slot.tokens)}
+    generated = len(seq.generated)
+    elapsed = now - seq.first_at
+    rate = (generated - 1) / elapsed if generated > 1 and elapsed > 0 else None
+    return {
+        "id": slot.id,
+        "busy": True,
+        "tokens": len(slot.tokens),
+        "phase": "prefill" if seq.prefilling else "decode",
+        "prompt_tokens": len(seq.request.prompt_tokens),
+        "cached_tokens": seq.cached,
+        "generated": generated,
+        "tok_s": None if rate is None else round(rate, 1),
+    }
 
 
 def _common_prefix(a: npt.NDArray[np.int32], b: list[int]) -> int:
@@ -264,6 +287,7 @@ class LlamaEngine:
     def health(self) -> dict[str, Any]:
         with self._cond:
             queued = self._queued
+        now = time.monotonic()
         return {
             "status": "error" if self._fatal else "ok",
             "slots": len(self._slots),
@@ -271,6 +295,7 @@ class LlamaEngine:
             "queued": queued,
             **self.stats,
             "cache": self.cache.health() if self.cache is not None else None,
+            "slot_list": [_slot_view(s, now) for s in self._slots],
         }
 
     @property
@@ -567,6 +592,8 @@ class LlamaEngine:
         except NoTokenLeft:
             return self._give_up(seq, position, "every token")
         self.stats["tokens"] += 1
+        if not seq.generated:
+            seq.first_at = time.monotonic()
         seq.generated.append(token)
         seq.next_token = token
         eog = self.model.is_eog(token) or token in req.stop_token_ids

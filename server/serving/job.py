@@ -65,6 +65,8 @@ class Caller:
 
     referer: str | None = None
     title: str | None = None
+    route: str | None = None
+    """The HTTP path the request came by (kept with its stats, never its text)."""
     on_usage: Callable[[int], None] | None = None
     """Called once with the job's total tokens (prompt + completion) when it ends."""
 
@@ -295,6 +297,7 @@ class JobFactory:
             model=sub.model_name,
             referer=caller.referer,
             title=caller.title,
+            route=caller.route,
         )
         ignored = ignored_params(request) + [p for p in sub.ignored if p] + dropped
         return Job(

@@ -8,7 +8,6 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from server import __version__
 from server.api.deps import ModelsDep
 from server.engine.pool import resident_bytes
 
@@ -38,21 +37,6 @@ async def health(models: ModelsDep) -> JSONResponse:
     if models.pool.failed:
         body["failed"] = dict(models.pool.failed)
     return JSONResponse(body, status_code=200 if ok else 503)
-
-
-@router.head("/", include_in_schema=False)  # Claude Code's connectivity check
-@router.get("/")
-async def root() -> dict[str, Any]:
-    """What this is, for whoever opens the address in a browser (open, like /health:
-    it names no model)."""
-    return {
-        "name": "hostler",
-        "version": __version__,
-        "api": {"openai": "/v1", "openrouter": "/api/v1", "anthropic": "/v1/messages"},
-        "models": "/v1/models",
-        "health": "/health",
-        "docs": "/docs",
-    }
 
 
 @router.head("/api/hello", include_in_schema=False)

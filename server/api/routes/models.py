@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
+from fastapi.responses import JSONResponse
 
-from server.api.deps import ModelsDep
+from server.api.deps import DownloadsDep, ModelsDep
 from server.protocol.models import ModelCard, ModelList
 
 router = APIRouter()
@@ -39,6 +40,17 @@ async def unload_model(model_id: str, models: ModelsDep) -> dict[str, Any]:
     was_loaded = await models.unload(model_id)
     spec = models.resolve(model_id)
     return {"model": spec.id, "was_loaded": was_loaded, "loaded": models.pool.is_loaded(spec.id)}
+
+
+@router.post("/models/{model_id:path}/pull")
+async def pull_model(model_id: str, models: ModelsDep, downloads: DownloadsDep) -> JSONResponse:
+    """Starts downloading the model (202; the status feed shows its progress), or joins
+    the download under way; 200 when its file is here already."""
+    spec = models.resolve(model_id)
+    pull = downloads.pull(spec)
+    if pull is None:
+        return JSONResponse({"model": spec.id, "state": "done", "downloaded": True})
+    return JSONResponse({**pull.to_json(), "downloaded": False}, status_code=202)
 
 
 @router.get("/models/{model_id:path}")
