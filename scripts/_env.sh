@@ -74,3 +74,26 @@ ensure_venv() {
     touch "$stamp"
   fi
 }
+
+# The status page's browser test runs Debian's Chromium (Playwright drives it; its own
+# browser download is never used). Installed with apt when missing: as root, or with a
+# sudo that asks no password. HOSTLER_CHROMIUM names another browser binary.
+ensure_chromium() {
+  if [ -n "${HOSTLER_CHROMIUM:-}" ] && [ -x "$HOSTLER_CHROMIUM" ]; then return; fi
+  if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
+    return
+  fi
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo -n"
+  if command -v apt-get >/dev/null 2>&1; then
+    echo "==> installing Debian's chromium (for the status page's browser test)"
+    if $sudo apt-get install -y -q --no-install-recommends chromium >/dev/null \
+      || { $sudo apt-get update -q >/dev/null && \
+        $sudo apt-get install -y -q --no-install-recommends chromium >/dev/null; }; then
+      return
+    fi
+  fi
+  echo "error: the tests need Chromium: install it (Debian: apt-get install chromium)" \
+    "or set HOSTLER_CHROMIUM to a Chromium binary" >&2
+  return 1
+}

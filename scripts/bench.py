@@ -676,7 +676,8 @@ def main() -> int:
     print("|---" * len(header) + "|")
     for m in metrics:
         vals = [t.results.get(m, float("nan")) for t in targets]
-        cells = [m, *(f"{v:.1f}" for v in vals)]
+        digits = 3 if m.startswith("ratio") else 1
+        cells = [m, *(f"{v:.{digits}f}" for v in vals)]
         for peer in peers:
             pairs = ratios.get(f"{m}|{peer.name}")
             cells.append(f"{statistics.median(pairs):.2f}x" if pairs else "-")

@@ -9,6 +9,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -123,3 +126,28 @@ def serve(hub: FakeHub) -> Iterator[FakeHub]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def hub_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files: dict[str, bytes]
+) -> Iterator[FakeHub]:
+    """A fake hub serving `files`, with huggingface_hub pointed at it and its cache in
+    `tmp_path`."""
+    hub = FakeHub(files=files)
+    with serve(hub):
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+        monkeypatch.setenv("HOSTLER_CACHE", str(tmp_path / "hostler"))
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        # huggingface_hub reads these at import: reload its constants for this test.
+        import importlib
+
+        import huggingface_hub.constants as c
+
+        importlib.reload(c)
+        try:
+            yield hub
+        finally:
+            importlib.reload(c)

@@ -135,7 +135,6 @@ def create_app(
     app.state.settings = settings
     app.state.keys = KeyRing(settings)
     app.state.draining = False
-    app.state.status_feeds = set()
     app.state.startup_error = None
     errors.install(app)
     if settings.cors_origins:

@@ -18,6 +18,7 @@ from typing import Any
 
 from server import __version__
 from server.engine.pool import resident_bytes
+from server.errors import QueueFullError
 from server.registry import local_file
 from server.serving.downloads import Downloads
 from server.serving.generations import GenerationLog, GenerationRecord
@@ -25,6 +26,7 @@ from server.serving.models import ModelService
 
 SERIES_SECONDS = 300  # the plot's span: five minutes at one point a second
 RECENT_REQUESTS = 20
+MAX_FEEDS = 16  # live feeds open at once (a page holds one)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,24 @@ class StatusBoard:
         generations.listeners.append(self._finished)
         self._snapshot: dict[str, Any] | None = None
         self._snapshot_at = 0.0
+        self.max_feeds = MAX_FEEDS
+        self._feeds: set[object] = set()
+
+    # -- live feeds ---------------------------------------------------------------------
+
+    def open_feed(self) -> object:
+        """A place for one more live feed; 429 when MAX_FEEDS are open."""
+        if len(self._feeds) >= self.max_feeds:
+            raise QueueFullError(
+                f"{self.max_feeds} status pages are open already; close one and try again",
+                headers={"Retry-After": "5"},
+            )
+        token = object()
+        self._feeds.add(token)
+        return token
+
+    def close_feed(self, token: object) -> None:
+        self._feeds.discard(token)
 
     # -- fed as things happen ---------------------------------------------------------
 
@@ -111,6 +131,7 @@ class StatusBoard:
                 "rss_bytes": resident_bytes() or None,
                 "key_required": self.key_required(),
                 "default_model": self.models.default_model,
+                "status_pages": len(self._feeds),
             },
             "totals": {
                 "slots": slots,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from server.errors import ConfigError, DownloadError
 from server.registry import Registry, download, local_file
 from server.registry.schema import load_models_file
-from tests.fakehub import FakeHub, serve
+from tests.fakehub import FakeHub, hub_environment
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GGUF_BYTES = b"GGUF" + bytes(range(256)) * 64
@@ -61,22 +62,9 @@ def _registry(tmp_path: Path, sha: str | None = None, file: str = "m.gguf") -> R
 
 
 @pytest.fixture
-def hf_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeHub:
-    hub = FakeHub(files={"org/repo/m.gguf": GGUF_BYTES})
-    with serve(hub):
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-        monkeypatch.setenv("HOSTLER_CACHE", str(tmp_path / "hostler"))
-        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-        # huggingface_hub reads these at import: reload its constants for this test.
-        import importlib
-
-        import huggingface_hub.constants as c
-
-        importlib.reload(c)
+def hf_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    with hub_environment(tmp_path, monkeypatch, {"org/repo/m.gguf": GGUF_BYTES}) as hub:
         yield hub
-        importlib.reload(c)
 
 
 def test_download_succeeds_and_verifies(tmp_path: Path, hf_env: FakeHub) -> None:

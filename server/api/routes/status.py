@@ -5,8 +5,8 @@
   data. Everything the page shows comes from `GET /status` (one snapshot) or
   `GET /status/events` (the same snapshot a few times a second, as server-sent events),
   which need the API key when one is set, like the rest of the API.
-- The feed is bounded: at most MAX_FEEDS open at once (429 beyond), each closed when its
-  page goes; snapshots are built once per interval for all of them.
+- The feed is bounded: at most `StatusBoard.max_feeds` open at once (429 beyond), each
+  closed when its page goes; snapshots are built once per interval for all of them.
 """
 
 from __future__ import annotations
@@ -25,10 +25,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from server import __version__
 from server.api.deps import require_key
-from server.errors import NotFoundError, QueueFullError
+from server.errors import NotFoundError
 from server.serving.status import StatusBoard
-
-MAX_FEEDS = 16
 
 # The page's own files, by name: nothing else is served from the folder.
 _FILES = {
@@ -107,18 +105,11 @@ async def status(request: Request) -> JSONResponse:
 async def events(request: Request) -> EventSourceResponse:
     """The snapshot as an `event: status` every interval, until the page goes."""
     board = _board(request)
-    feeds: set[object] = request.app.state.status_feeds
-    if len(feeds) >= MAX_FEEDS:
-        raise QueueFullError(
-            f"{MAX_FEEDS} status pages are open already; close one and try again",
-            headers={"Retry-After": "5"},
-        )
-    token = object()
-    feeds.add(token)
+    token = board.open_feed()  # 429 beyond the bound, before anything streams
     shutdown = anyio.Event()
-    stream = _feed(board, shutdown, feeds, token)
-    # However the response ends (page closed, server stopping), the slot is given back.
-    weakref.finalize(stream, feeds.discard, token)
+    stream = _feed(board, shutdown, token)
+    # However the response ends (page closed, server stopping), its place is given back.
+    weakref.finalize(stream, board.close_feed, token)
     return EventSourceResponse(
         stream,
         ping=15,
@@ -130,7 +121,7 @@ async def events(request: Request) -> EventSourceResponse:
 
 
 async def _feed(
-    board: StatusBoard, shutdown: anyio.Event, feeds: set[object], token: object
+    board: StatusBoard, shutdown: anyio.Event, token: object
 ) -> AsyncIterator[dict[str, Any]]:
     try:
         while not shutdown.is_set():
@@ -139,4 +130,4 @@ async def _feed(
             with anyio.move_on_after(board.interval):
                 await shutdown.wait()
     finally:
-        feeds.discard(token)
+        board.close_feed(token)

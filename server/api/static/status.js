@@ -195,6 +195,7 @@ function drawPlot(series) {
   const span = 300, now = series.length ? series[series.length - 1].t : 0;
   const peak = Math.max(1, ...series.map((p) => p.tok_s));
   const ttftPeak = Math.max(1, ...series.map((p) => p.ttft_ms || 0));
+  const anyTtft = series.some((p) => p.ttft_ms !== null);
   const x = (t) => pad.left + w - ((now - t) / span) * w;
   ctx.strokeStyle = color("--line");
   ctx.fillStyle = color("--muted");
@@ -206,7 +207,7 @@ function drawPlot(series) {
     ctx.textAlign = "right";
     ctx.fillText(num((peak * (2 - i)) / 2, 1), pad.left - 4, y + 4);
     ctx.textAlign = "left";
-    ctx.fillText(num((ttftPeak * (2 - i)) / 2), pad.left + w + 4, y + 4);
+    if (anyTtft) ctx.fillText(num((ttftPeak * (2 - i)) / 2) + " ms", pad.left + w + 4, y + 4);
   }
   ctx.textAlign = "center";
   ctx.fillText("−5 min", pad.left + 16, height - 4);
