@@ -99,8 +99,9 @@ class StatusBoard:
             tokens = engine.health().get("tokens")
             if not isinstance(tokens, int):
                 continue  # an embedding model, or a dead engine
-            before = self._counted.get(model_id, 0)
-            generated += tokens - before if tokens >= before else tokens  # reloaded: anew
+            before = self._counted.get(model_id)
+            if before is not None:  # a model seen for the first time sets its baseline
+                generated += tokens - before if tokens >= before else tokens  # reloaded
             counters[model_id] = tokens
         self._counted = counters
         elapsed = max(now - self._last_tick, 1e-3)
