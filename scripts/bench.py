@@ -278,6 +278,7 @@ class StatusWatchers:
         page = await self._browser.new_page()
         await page.goto(url.removesuffix("/v1") + "/")
         await page.wait_for_selector(".connection.live", timeout=15000)
+        await asyncio.sleep(2.0)  # past the page's first layout: a page left open
         return page.close
 
     async def feeds(self, client: httpx.AsyncClient, url: str, n: int) -> Callable[[], Any]:

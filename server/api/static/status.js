@@ -163,19 +163,31 @@ function onEvent(block) {
 
 // -- drawing ---------------------------------------------------------------------------
 
+function setText(id, text) {
+  const node = $(id);
+  if (node.textContent !== text) node.textContent = text; // unchanged: no layout, no paint
+}
+
 function render(snap) {
   state.last = snap;
   const t = snap.totals;
-  $("stat-toks").textContent = num(t.tok_s, 1);
+  setText("stat-toks", num(t.tok_s, 1));
   const recent = snap.series.filter((p) => p.ttft_ms !== null);
-  $("stat-ttft").textContent = recent.length ? num(recent[recent.length - 1].ttft_ms) + " ms" : "–";
-  $("stat-slots").textContent = t.slots_busy + " of " + t.slots;
-  $("stat-queued").textContent = num(t.queued);
-  $("version").textContent = "Hostler " + snap.server.version + " · up " + duration(snap.server.uptime_seconds);
-  $("key-button").hidden = !snap.server.key_required;
-  drawPlot(snap.series);
+  setText("stat-ttft", recent.length ? num(recent[recent.length - 1].ttft_ms) + " ms" : "–");
+  setText("stat-slots", t.slots_busy + " of " + t.slots);
+  setText("stat-queued", num(t.queued));
+  const up = snap.server.uptime_seconds;
+  const upText = up < 60 ? "under a minute" : up < 3600 ? Math.floor(up / 60) + " min" : duration(up);
+  setText("version", "Hostler " + snap.server.version + " · up " + upText); // not every second
+  const hideKey = !snap.server.key_required;
+  if ($("key-button").hidden !== hideKey) $("key-button").hidden = hideKey;
+  // Only what changed is drawn again: the plot gains a point a second, an idle model's
+  // card and the request list change rarely (a page left open costs little CPU).
+  const lastPoint = snap.series.length ? snap.series[snap.series.length - 1].t : 0;
+  if (lastPoint !== state.plotted) { state.plotted = lastPoint; drawPlot(snap.series); }
   renderModels(snap.models);
-  renderRequests(snap.requests);
+  const requests = JSON.stringify(snap.requests);
+  if (requests !== state.requests) { state.requests = requests; renderRequests(snap.requests); }
 }
 
 function drawPlot(series) {
@@ -280,7 +292,10 @@ function renderModels(models) {
     c.unload.hidden = !(m.state === "loaded" || m.state === "dead");
     c.pull.hidden = !downloadable;
     for (const b of [c.load, c.unload, c.pull]) b.disabled = waiting;
-    c.body.replaceChildren(...details(m));
+    // Replaced only when what it shows changed: each change costs the browser a frame.
+    const nodes = details(m);
+    const shown = nodes.map((n) => n.textContent).join("|") + JSON.stringify(m.download);
+    if (shown !== c.shown) { c.shown = shown; c.body.replaceChildren(...nodes); }
   });
   for (const [id, c] of cards) {
     if (!seen.has(id)) { c.node.remove(); cards.delete(id); }
@@ -421,4 +436,5 @@ document.addEventListener("visibilitychange", () => {
 });
 window.addEventListener("pagehide", stop);
 window.addEventListener("resize", () => { if (state.last) drawPlot(state.last.series); });
+document.addEventListener("visibilitychange", () => { state.plotted = null; });
 connect();
