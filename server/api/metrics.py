@@ -48,6 +48,17 @@ class _EngineCollector(Collector):
                     CounterMetricFamily(f"hostler_{key}", f"Prompt cache: {key}", labels=["model"]),
                 )
                 fam.add_metric([name], value)
+            if "draft_tokens" in h:  # a chat model: its n-gram speculation
+                for key, what in (("draft_tokens", "drafted"), ("draft_accepted", "accepted")):
+                    fam = counters.setdefault(
+                        key,
+                        CounterMetricFamily(
+                            f"hostler_speculative_{what}_tokens",
+                            f"Speculation: tokens {what}",
+                            labels=["model"],
+                        ),
+                    )
+                    fam.add_metric([name], h.get(key, 0))
             if h.get("pooling"):  # an embedding model: what it has embedded
                 for key in ("inputs", "tokens", "batches"):
                     fam = counters.setdefault(

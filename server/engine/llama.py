@@ -383,6 +383,10 @@ class LlamaModel:
         batch.struct.n_tokens = batch.n
         return int(lc.llama_decode(self.ctx, batch.struct))
 
+    def synchronize(self) -> None:
+        """Wait for the decode's work on the device (on the CPU it is done already)."""
+        lc.llama_synchronize(self.ctx)
+
     def logits_row(self, index: int) -> npt.NDArray[np.float32]:
         """A writable view of the logits of batch position `index` (valid until next decode)."""
         ptr = lc.llama_get_logits_ith(self.ctx, index)
@@ -442,3 +446,11 @@ class Batch:
             self.logits[b - 1] = 1
         self.n = b
         return b - 1
+
+    def add_scored(self, tokens: list[int], pos0: int, seq: int) -> int:
+        """Append tokens of one sequence, each with its logits (a token and its draft,
+        to verify); return the batch index of the first."""
+        a = self.n
+        self.add(tokens, pos0, seq, False)
+        self.logits[a : self.n] = 1
+        return a

@@ -82,6 +82,9 @@ class GenerationRequest:
     announce: bool = False
     """Send an empty output (prompt and cached counts) when a slot is found, before the
     prefill: Anthropic's message_start carries those counts."""
+    speculative: bool | None = None
+    """False: never draft; True: draft whenever there is a match; None: the model's
+    setting (auto: where it pays)."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,9 @@ class SeqOutput:
     """The stop string that ended the choice, when one did."""
     unavailable: bool = False
     """With `error`: the engine itself is gone (its process died): a 503, not a 500."""
+    drafted: int = 0
+    accepted: int = 0
+    """Speculation so far: tokens drafted for this choice, and how many were kept."""
 
 
 @dataclass(frozen=True)

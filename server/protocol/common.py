@@ -167,6 +167,12 @@ class SamplingFields(BaseModel):
         " or {text|regex, case_sensitive}. Generation rewinds when one starts to form.",
     )
     preset: str | None = Field(None, max_length=64, description="A preset of the model's.")
+    speculative: bool | None = Field(
+        None,
+        description="N-gram speculation for this request: false never drafts, true drafts"
+        " whenever the text repeats; unset: the model's setting (auto: where it pays)."
+        " The output is the same either way.",
+    )
     keep_alive: str | float | None = Field(
         None,
         description="Ollama's keep_alive for the model after this reply: seconds or '5m',"

@@ -161,6 +161,11 @@ class ModelSpec(_Strict):
     flash_attn: bool | None = Field(
         None, description="Flash attention for this model (unset: the server's setting)."
     )
+    speculative: Literal["auto", "off", "ngram"] | None = Field(
+        None,
+        description="N-gram speculation: auto drafts where the measured acceptance pays,"
+        " ngram whenever the text repeats, off never (unset: the server's --speculative).",
+    )
     main_gpu: int = Field(0, ge=0, description="The GPU that holds the model (no split).")
     tensor_split: tuple[float, ...] = Field(
         (),

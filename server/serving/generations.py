@@ -28,11 +28,23 @@ class GenerationRecord:
     generation_time: float = 0.0
     latency: float | None = None
     """Seconds from the request to its first output (time to first token)."""
+    drafted: int = 0
+    accepted: int = 0
+    """Speculation: tokens drafted from n-grams, and how many of them were kept."""
 
     def first_output(self) -> None:
         self.latency = time.monotonic() - self.started
 
-    def finish(self, prompt: int, completion: int, cached: int, reason: str) -> None:
+    def finish(
+        self,
+        prompt: int,
+        completion: int,
+        cached: int,
+        reason: str,
+        drafted: int = 0,
+        accepted: int = 0,
+    ) -> None:
+        self.drafted, self.accepted = drafted, accepted
         self.tokens_prompt = prompt
         self.tokens_completion = completion
         self.cached_tokens = cached
@@ -52,7 +64,14 @@ class GenerationRecord:
             origin=self.referer,
             app_title=self.title,
             total_cost=0,
+            speculative={
+                "drafted_tokens": self.drafted,
+                "accepted_tokens": self.accepted,
+                "acceptance": round(self.accepted / self.drafted, 3) if self.drafted else None,
+            },
         )
+        d.pop("drafted")
+        d.pop("accepted")
         return d
 
 

@@ -86,11 +86,14 @@ class _Totals:
     prompt: int = 0
     cached: int = 0
     completion: dict[int, int] = field(default_factory=dict)
+    drafted: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     def add(self, o: SeqOutput) -> None:
         self.prompt = max(self.prompt, o.prompt_tokens)
         self.cached = max(self.cached, o.cached_tokens)
         self.completion[o.index] = o.completion_tokens
+        if o.drafted:
+            self.drafted[o.index] = (o.drafted, o.accepted)
 
     def usage(self) -> Usage:
         completion = sum(self.completion.values())
@@ -165,7 +168,15 @@ class Job:
 
     def _close(self, finish: str) -> None:
         u = self.usage
-        self.record.finish(u.prompt_tokens, u.completion_tokens, self._totals.cached, finish)
+        spec = self._totals.drafted.values()
+        self.record.finish(
+            u.prompt_tokens,
+            u.completion_tokens,
+            self._totals.cached,
+            finish,
+            drafted=sum(d for d, _ in spec),
+            accepted=sum(a for _, a in spec),
+        )
         self.log.add(self.record)
         if self.on_usage is not None:
             self.on_usage(u.total_tokens)
@@ -289,6 +300,7 @@ class JobFactory:
                 render_special=sub.render_special,
                 bans=sub.bans,
                 thinking=sub.thinking,
+                speculative=request.speculative,
                 announce=sub.announce,
             )
         )

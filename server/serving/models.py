@@ -43,7 +43,7 @@ SUPPORTED_PARAMETERS = [
     "tools", "tool_choice", "transforms", "repetition_penalty_range", "tfs",
     "smoothing_factor", "smoothing_curve", "adaptive_target", "adaptive_decay",
     "banned_strings", "preset", "keep_alive", "reasoning", "include_reasoning",
-    "reasoning_effort", "chat_template_kwargs",
+    "reasoning_effort", "chat_template_kwargs", "speculative",
 ]  # fmt: skip
 
 
@@ -178,6 +178,7 @@ def make_loader(registry: Registry, settings: Settings) -> Callable[[str], Engin
             "max_queue": settings.max_queue + options.slots,
             "cache_reuse": reuse,
             "prompt_cache": cache,
+            "speculative": spec.speculative or settings.speculative,
         }
         return ProcessEngine(model_id, "chat", path, options, kwargs, max_queue=settings.max_queue)
 
