@@ -20,6 +20,15 @@ gets a second process with --embeddings, as its users run it):
     scripts/bench.py --hostler --llama-server ~/cache/llama-server --slots 4 \
         --scenarios embeddings
 
+Speculative decoding (n-gram drafts): an "edit" workload (a ~60-line file in a raw
+/v1/completions prompt, asked back with a rename), a prose workload (a story) and 8 at
+once, against Hostler with --speculative off and llama-server plain and with n-gram
+speculation (--spec-type):
+
+    scripts/bench.py --hostler --hostler-plain --llama-server ~/cache/llama-server \
+        --llama-server-spec ngram-mod,ngram-simple --slots 8 --tokens 256 \
+        --scenarios edit,prose,aggregate --concurrency 8 --rounds 6
+
 The status page's cost: decode speed alone, with the page open in headless Chromium
 (Debian's chromium, driven by Playwright), and with four bare feeds reading
 /status/events, taken in turn each round (needs only --hostler):
@@ -258,6 +267,63 @@ async def sample_embeddings(
     }
 
 
+FIELDS = ["name", "price", "quantity", "weight", "colour", "origin", "vendor", "rating",
+          "stock", "discount", "tax", "barcode"]  # fmt: skip
+EDIT_CODE = "\n".join(
+    f"def read_{f}(record, default):\n    value = record.get('{f}', default)\n"
+    f"    if value is None:\n        return default\n    return value"
+    for f in FIELDS
+)
+EDIT_PROMPT = (
+    "Here is a Python file:\n```python\n" + EDIT_CODE + "\n```\n"
+    "The same file again, with every `default` renamed to `fallback`:\n```python\n"
+)
+
+
+async def one_completion(
+    client: httpx.AsyncClient, t: Target, prompt: str, n: int, ban: dict[str, float]
+) -> Result:
+    """A raw /v1/completions stream (no chat template: SmolLM2 copies far more reliably)."""
+    body = {
+        "model": t.model, "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True,
+        "logit_bias": ban, "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    start = time.perf_counter()
+    ttft = 0.0
+    tokens = chunks = 0
+    try:
+        async with client.stream("POST", t.url + "/completions", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                for c in chunk.get("choices", []):
+                    if c.get("text"):
+                        chunks += 1
+                        if not ttft:
+                            ttft = time.perf_counter() - start
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    except httpx.HTTPError as exc:
+        t.errors += 1
+        print(f"{t.name}: request failed: {exc!r}", file=sys.stderr)
+    return Result(ttft, tokens or chunks, time.perf_counter() - start)
+
+
+async def sample_edit(client: httpx.AsyncClient, t: Target, args: argparse.Namespace) -> Sample:
+    """The edit workload alone: decode tok/s while the answer copies the prompt."""
+    r = await one_completion(client, t, EDIT_PROMPT, args.tokens, args.ban_map)
+    return {"edit decode tok/s": r.decode_tps}
+
+
+async def sample_prose(client: httpx.AsyncClient, t: Target, args: argparse.Namespace) -> Sample:
+    """A story alone (end of text banned): decode tok/s where drafts rarely match."""
+    story = [{"role": "user", "content": "Write a long story about a storm at sea."}]
+    r = await one(client, t, story, args.tokens, args.ban_map)
+    return {"prose decode tok/s": r.decode_tps}
+
+
 class StatusWatchers:
     """The status page open in headless Chromium, or bare feeds reading its events."""
 
@@ -455,6 +521,10 @@ def run_rounds(targets: list[Target], args: argparse.Namespace) -> dict[str, lis
                             got = await sample_claude_code(client, t, args, i)
                         elif kind == "embeddings":
                             got = await sample_embeddings(client, t, args, i)
+                        elif kind == "edit":
+                            got = await sample_edit(client, t, args)
+                        elif kind == "prose":
+                            got = await sample_prose(client, t, args)
                         elif kind == "status-page":
                             got = await sample_status_page(client, t, args, i, watchers)
                         else:
@@ -472,6 +542,7 @@ def run_rounds(targets: list[Target], args: argparse.Namespace) -> dict[str, lis
     asyncio.run(run_all())
     for t in targets:
         t.results = {m: statistics.median(v) for m, v in samples[t.name].items()}
+        t.results.update(_speculation(t))
         base = samples[t.name].get("decode tok/s, closed")
         for m in ("decode tok/s, page open", "decode tok/s, 4 feeds"):
             if base and m in samples[t.name]:  # paired: the same round's closed sample
@@ -486,6 +557,22 @@ def run_rounds(targets: list[Target], args: argparse.Namespace) -> dict[str, lis
             pairs = [a / b for a, b in zip(first[m], values, strict=False) if b]
             ratios[f"{m}|{peer.name}"] = pairs
     return ratios
+
+
+def _speculation(t: Target) -> dict[str, float]:
+    """A Hostler target's n-gram speculation over the run, from its /health."""
+    try:
+        models = httpx.get(t.url.removesuffix("/v1") + "/health", timeout=10).json()["models"]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return {}
+    health = models.get(t.model) or {}
+    if not health.get("draft_tokens"):
+        return {}
+    print(f"{t.name}: step ms by tokens {health.get('step_ms')}", file=sys.stderr)
+    return {
+        "drafted tokens": float(health["draft_tokens"]),
+        "draft acceptance": float(health["draft_acceptance"]),
+    }
 
 
 def free_port() -> int:
@@ -544,12 +631,22 @@ def main() -> int:
     p.add_argument("--model", default="smollm2-135m", help="model name sent to --url targets")
     p.add_argument("--hostler", action="store_true", help="start `hostler serve` on SmolLM2")
     p.add_argument("--hostler-args", default="", help="extra `hostler serve` arguments")
+    p.add_argument(
+        "--hostler-plain",
+        action="store_true",
+        help="also start Hostler with --speculative off (needs --hostler)",
+    )
     p.add_argument("--llama-server", type=Path, help="path of a llama-server binary to start")
     p.add_argument(
         "--llama-server-reuse",
         type=int,
         default=0,
         help="also start llama-server with --cache-reuse N (needs --llama-server)",
+    )
+    p.add_argument(
+        "--llama-server-spec",
+        default="",
+        help="also start llama-server with --spec-type T, for each T of a comma list",
     )
     p.add_argument(
         "--llama-cpp-python", action="store_true", help="start python -m llama_cpp.server"
@@ -567,7 +664,7 @@ def main() -> int:
         type=lambda s: s.split(","),
         default=["single", "aggregate", "turns"],
         help="comma list of: single, aggregate, turns, trimmed, rotating, restart,"
-        " claude-code, embeddings, status-page",
+        " claude-code, embeddings, status-page, edit, prose",
     )
     p.add_argument("--embed-inputs", type=int, default=64, help="embeddings: inputs a request")
     p.add_argument("--embed-ctx", type=int, default=2048, help="embeddings: model context")
@@ -624,20 +721,34 @@ def main() -> int:
 
             targets.append(start("hostler", hostler, port, "bench", log_dir))
             targets[-1].embed_url, targets[-1].embed_model = targets[-1].url, "bench-embed"
-        llama_servers = [("llama-server", 0)] if args.llama_server else []
+            if args.hostler_plain:
+                plain_port = free_port()
+
+                def hostler_plain(cache_dir: Path, port: int = plain_port) -> list[str]:
+                    return [*hostler(cache_dir, port), "--speculative", "off"]
+
+                targets.append(start("hostler-plain", hostler_plain, plain_port, "bench", log_dir))
+        llama_servers = [("llama-server", 0, "")] if args.llama_server else []
         if args.llama_server and args.llama_server_reuse:
-            llama_servers.append(("llama-server-reuse", args.llama_server_reuse))
-        for name, reuse in llama_servers:
+            llama_servers.append(("llama-server-reuse", args.llama_server_reuse, ""))
+        for spec_type in filter(None, args.llama_server_spec.split(",")):
+            if args.llama_server:
+                llama_servers.append((f"llama-server-{spec_type}", 0, spec_type))
+        for name, reuse, spec_type in llama_servers:
             port = free_port()
 
-            def llama_server(_: Path, port: int = port, reuse: int = reuse) -> list[str]:
+            def llama_server(
+                _: Path, port: int = port, reuse: int = reuse, spec_type: str = spec_type
+            ) -> list[str]:
                 cmd = [str(args.llama_server), "-m", gguf, "--port", str(port)]
                 cmd += ["-np", str(args.slots), "-t", str(args.threads), "-tb", str(args.threads)]
                 cmd += ["-c", str(args.ctx), "--kv-unified", "-ngl", ngl]
+                if spec_type:
+                    cmd += ["--spec-type", spec_type]
                 return cmd + (["--cache-reuse", str(reuse)] if reuse else [])
 
             targets.append(start(name, llama_server, port, "smollm2", log_dir))
-            if embeddings and not reuse:
+            if embeddings and not reuse and not spec_type:
                 # llama-server serves embeddings only from a process of its own (--embeddings),
                 # with a physical batch as large as the context (else inputs over 512 fail).
                 sidecar_port = free_port()
@@ -677,7 +788,7 @@ def main() -> int:
     print("|---" * len(header) + "|")
     for m in metrics:
         vals = [t.results.get(m, float("nan")) for t in targets]
-        digits = 3 if m.startswith("ratio") else 1
+        digits = 3 if m.startswith(("ratio", "draft acceptance")) else 1
         cells = [m, *(f"{v:.{digits}f}" for v in vals)]
         for peer in peers:
             pairs = ratios.get(f"{m}|{peer.name}")

@@ -32,6 +32,7 @@ from server.engine.placement import Placement
 from server.engine.sequence import Seq, Slot, slot_view
 from server.engine.speculation import (
     MAX_DRAFT,
+    Acceptance,
     Drafter,
     Mode,
     NgramIndex,
@@ -99,6 +100,7 @@ class LlamaEngine:
         )
         self.decoding = Decoding(self.model, self.stats)
         self.costs = StepCosts()
+        self.acceptance = Acceptance()
         if self.speculative != "off":
             self._calibrate()
         self._thread = threading.Thread(target=self._run, name="hostler-engine", daemon=True)
@@ -176,6 +178,8 @@ class LlamaEngine:
             "draft_acceptance": (
                 round(self.stats["draft_accepted"] / drafted, 3) if drafted else None
             ),
+            "step_ms": self.costs.known() if self.speculative == "auto" else None,
+            "draft_acceptance_by_match": self.acceptance.table() or None,
             "cache": self.cache.health() if self.cache is not None else None,
             "slot_list": [slot_view(s, now) for s in self._slots],
         }
@@ -204,7 +208,7 @@ class LlamaEngine:
         """Time decodes of 1 to 8 tokens, each with its logits (a verification's shape),
         before the first request: what a draft of k tokens costs (steps refine it)."""
         batch, token = self._batch, max(self.info.bos_id, 0)
-        for n in (1, 1, 2, 4, 8):  # the first one warms up
+        for n in (1, 1, 2, 2, 4, 4, 8, 8):  # the first one warms up
             if n > self._n_batch:
                 break
             batch.clear()
@@ -329,17 +333,17 @@ class LlamaEngine:
         batch.clear()
         decoding = [s for s in self._active if not s.prefilling and s.slot is not None]
         drafts = self._drafts(decoding)
-        sampling: list[tuple[Seq, int, list[int]]] = []
+        sampling: list[tuple[Seq, int, list[int], int]] = []
         added: list[tuple[Seq, list[int]]] = []
         # Decoding sequences first: one token each (and its draft) keeps streams moving.
         for seq in decoding:
             assert seq.slot is not None
-            draft = drafts.get(seq, [])
+            draft, matched = drafts.get(seq, ([], 0))
             if draft:
                 idx = batch.add_scored([seq.next_token, *draft], seq.n_past, seq.slot.id)
             else:
                 idx = batch.add([seq.next_token], seq.n_past, seq.slot.id, True)
-            sampling.append((seq, idx, draft))
+            sampling.append((seq, idx, draft, matched))
             added.append((seq, [seq.next_token]))
         for seq in self._active:
             if seq.prefilling and seq.slot is not None and batch.free > 0:
@@ -349,7 +353,7 @@ class LlamaEngine:
                 idx = batch.add(chunk, seq.n_past, seq.slot.id, last)
                 added.append((seq, chunk))
                 if last:
-                    sampling.append((seq, idx, []))
+                    sampling.append((seq, idx, [], 0))
         if batch.n == 0:
             return []
         start = time.perf_counter()
@@ -366,20 +370,19 @@ class LlamaEngine:
             seq.slot.tokens.extend(tokens)
             seq.n_past += len(tokens)
         out: list[tuple[Seq, SeqOutput]] = []
-        for seq, idx, draft in sampling:
-            o = self._verify(seq, idx, draft) if draft else self.decoding.sample(seq, idx)
-            if seq.drafter is not None and not draft:
-                seq.drafter.idle()
+        for seq, idx, draft, matched in sampling:
+            verify = draft and self._verify
+            o = verify(seq, idx, draft, matched) if verify else self.decoding.sample(seq, idx)
             if o is not None:
                 out.append((seq, o))
         return out
 
-    def _drafts(self, decoding: list[Seq]) -> dict[Seq, list[int]]:
+    def _drafts(self, decoding: list[Seq]) -> dict[Seq, tuple[list[int], int]]:
         """The step's drafts: each drafting sequence's n-gram continuation, as long as
         `plan` finds it pays (the batch's room left after pending prompt chunks)."""
         if self.speculative == "off":
             return {}
-        candidates: list[tuple[Seq, list[int]]] = []
+        candidates: list[tuple[Seq, list[int], int]] = []
         n_ctx = self.model.n_ctx
         for seq in decoding:
             drafter = seq.drafter
@@ -391,9 +394,9 @@ class LlamaEngine:
                 seq.request.max_tokens - len(seq.generated) - 1,
                 n_ctx - seq.n_past - 2,
             )
-            draft = drafter.index.draft(limit)
+            draft, matched = drafter.index.draft(limit)
             if draft:
-                candidates.append((seq, draft))
+                candidates.append((seq, draft, matched))
         if not candidates:
             return {}
         prefill = sum(
@@ -404,15 +407,16 @@ class LlamaEngine:
         base = len(decoding) + min(prefill, self._n_batch - len(decoding))
         room = self._n_batch - base
         lengths = plan(
-            [(s.drafter, d) for s, d in candidates if s.drafter is not None],
+            [(s.drafter, d, m) for s, d, m in candidates if s.drafter is not None],
             base,
             len(decoding),
             room,
             self.costs,
+            self.acceptance,
         )
-        return {seq: d[:k] for (seq, d), k in zip(candidates, lengths, strict=True) if k}
+        return {seq: (d[:k], m) for (seq, d, m), k in zip(candidates, lengths, strict=True) if k}
 
-    def _verify(self, seq: Seq, idx: int, draft: list[int]) -> SeqOutput | None:
+    def _verify(self, seq: Seq, idx: int, draft: list[int], matched: int) -> SeqOutput | None:
         """Sample `seq` at its drafted rows in order, through the same `Decoding.sample`
         as plain decoding: a drafted token is kept while it is exactly the token sampled
         there (whose cell the batch already holds); the cells of the rest are removed.
@@ -435,6 +439,7 @@ class LlamaEngine:
             accepted += 1
         self.model.seq_rm(slot.id, seq.n_past, -1)
         seq.drafter.record(len(draft), accepted)
+        self.acceptance.record(matched, len(draft), accepted)
         self.stats["draft_steps"] += 1
         self.stats["draft_tokens"] += len(draft)
         self.stats["draft_accepted"] += accepted

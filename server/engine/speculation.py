@@ -6,9 +6,11 @@ target model checks them all in the step's one batch.
   token by token (O(1) each; the prompt is indexed once at admission).
 - `StepCosts`: how long a decode of n tokens takes on this model and machine, measured
   at load and then from every step.
-- `Drafter`: one sequence's index and its measured acceptance; `plan` decides, for a
-  whole step, which sequences draft how many tokens: only where the expected accepted
-  tokens buy more than the extra rows cost (auto), always (ngram) or never (off).
+- `Acceptance`: how often a drafted token is kept, by the length of the match behind it,
+  learned from every draft.
+- `plan` decides, for a whole step, which sequences draft how many tokens: only where
+  the expected kept tokens buy more than the extra rows cost (auto), always (ngram) or
+  never (off).
 
 Verification itself (engine/scheduler.py) runs the request's own sampler chain at each
 drafted position through the same `Decoding.sample` as plain decoding and keeps a token
@@ -17,7 +19,8 @@ only while the sampled token equals the draft, so the output is exactly plain de
 
 from __future__ import annotations
 
-import bisect
+import statistics
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -28,17 +31,18 @@ MODES: tuple[Mode, ...] = ("auto", "off", "ngram")
 NGRAM = 4
 """Tokens that must match to draft: short enough to pick a copy up again soon after an
 edit, long enough that prose rarely matches by chance."""
-MAX_DRAFT = 16
-"""Tokens one sequence may draft in a step."""
-PRIOR = 0.5
-"""A new sequence's per-token acceptance, before it has drafted; a sequence that has not
-drafted for a while drifts back to it (so one that starts copying late is tried again)."""
-MEMORY = 0.8
-"""How much of its acceptance estimate a sequence keeps per drafted token."""
-RELAX = 0.03
-"""How far the estimate moves back towards PRIOR per token decoded without a draft."""
-MARGIN = 1.03
+MAX_DRAFT = 64
+"""Tokens one sequence may draft in a step (a long verbatim copy drafts long: on a CPU a
+drafted row costs a fraction of a decode step)."""
+MAX_MATCH = 64
+"""How far back a match is measured: the longer it is, the likelier the copy goes on."""
+MARGIN = 1.1
 """A plan must promise this much more throughput than plain decoding (costs are noisy)."""
+SAMPLES = 16
+"""Step times kept per batch size (the fastest is the estimate)."""
+PRIOR_WEIGHT = 2.0
+"""Tokens' worth of trust in the engine's acceptance table before a sequence's own
+drafts say otherwise."""
 
 
 class NgramIndex:
@@ -69,114 +73,163 @@ class NgramIndex:
         if length < len(self.tokens):
             self._build(self.tokens[:length])
 
-    def draft(self, limit: int) -> list[int]:
+    def draft(self, limit: int) -> tuple[list[int], int]:
         """Up to `limit` tokens that followed the latest earlier occurrence of the last
-        n tokens; [] when they never occurred before."""
+        n tokens, and how many tokens before them match there (at least n, at most
+        MAX_MATCH); ([], 0) when the last n tokens never occurred before."""
         toks = self.tokens
         if len(toks) < self.n or limit <= 0:
-            return []
+            return [], 0
         end = self._after.get(tuple(toks[-self.n :]))
         if end is None:
-            return []
-        return toks[end : end + limit]
+            return [], 0
+        matched, top = self.n, min(MAX_MATCH, end)
+        while matched < top and toks[-1 - matched] == toks[end - 1 - matched]:
+            matched += 1
+        return toks[end : end + limit], matched
 
 
 @dataclass
 class Drafter:
-    """One sequence's n-gram index and how often its drafts are accepted."""
+    """One sequence's n-gram index and what its drafts gave: its own acceptance, which
+    corrects the engine's table for this text (a story after many edits drafts little)."""
 
     index: NgramIndex
     forced: bool = False
     """Draft whenever there is a match (mode ngram, or the request asked for it)."""
-    alpha: float = PRIOR
     drafted: int = 0
     accepted: int = 0
+    trials: float = 0.0
+    kept: float = 0.0
 
     def record(self, drafted: int, accepted: int) -> None:
-        """A draft of `drafted` tokens, of which the first `accepted` were kept."""
         self.drafted += drafted
         self.accepted += accepted
-        for _ in range(accepted):
-            self.alpha = MEMORY * self.alpha + (1 - MEMORY)
-        if accepted < drafted:
-            self.alpha = MEMORY * self.alpha
+        self.trials += min(drafted, accepted + 1)
+        self.kept += accepted
 
-    def idle(self) -> None:
-        """A token decoded without a draft: the estimate drifts back towards PRIOR."""
-        self.alpha += (PRIOR - self.alpha) * RELAX
+    def scale(self, engine_rate: float) -> float:
+        """This sequence's kept rate over what the engine's table predicted for it so
+        far, with PRIOR_WEIGHT tokens of the engine's own word (1: as predicted)."""
+        own = (self.kept + PRIOR_WEIGHT * engine_rate) / (self.trials + PRIOR_WEIGHT)
+        return own / engine_rate if engine_rate > 0 else 1.0
 
 
-def expected(alpha: float, k: int) -> float:
-    """Tokens expected to be accepted from a draft of k: alpha + alpha^2 + ... + alpha^k
-    (a token counts only if all before it were accepted)."""
-    if alpha >= 1.0:
-        return float(k)
-    return alpha * (1 - alpha**k) / (1 - alpha)
+class Acceptance:
+    """How often a drafted token is accepted, by how long the match behind it is (the
+    match grows by one with each token of a draft): learned by the engine from every
+    draft, so a new sequence starts from what this model and its users' texts do. A
+    copy (long matches) keeps drafting long while prose (short chance matches) stops."""
+
+    BUCKET = 4
+
+    def __init__(self) -> None:
+        n = MAX_MATCH // self.BUCKET + 2
+        self._trials = [0.0] * n
+        self._kept = [0.0] * n
+
+    def _bucket(self, matched: int) -> int:
+        return min(matched, MAX_MATCH + self.BUCKET) // self.BUCKET
+
+    def rate(self, matched: int) -> float:
+        b = self._bucket(matched)
+        return (self._kept[b] + 1) / (self._trials[b] + 2)  # a prior of one in two
+
+    def record(self, matched: int, drafted: int, accepted: int) -> None:
+        """A draft behind a match of `matched` tokens: its first `accepted` tokens were
+        kept; the one after them (if any) was the first rejected."""
+        for i in range(min(drafted, accepted + 1)):
+            b = self._bucket(matched + i)
+            # Old evidence fades, so the table follows what the server is used for now.
+            self._trials[b] = 0.995 * self._trials[b] + 1
+            self._kept[b] = 0.995 * self._kept[b] + (1 if i < accepted else 0)
+
+    def expected(self, matched: int, k: int, scale: float = 1.0) -> list[float]:
+        """Tokens expected to be kept from drafts of 1..k tokens (a token counts only if
+        all before it were kept); `scale` corrects each token's rate for one sequence."""
+        out, total, p = [], 0.0, 1.0
+        for i in range(k):
+            p *= min(self.rate(matched + i) * scale, 1.0)
+            total += p
+            out.append(total)
+        return out
+
+    def table(self) -> dict[str, float]:
+        return {
+            f"{b * self.BUCKET}+": round(self.rate(b * self.BUCKET), 3)
+            for b in range(len(self._trials))
+            if self._trials[b] >= 1
+        }
 
 
 @dataclass
 class StepCosts:
-    """Seconds a decode of n tokens takes (each with its logits), by n: a moving average
-    per n measured, linear between the sizes measured, linear beyond the largest."""
+    """Seconds a decode of n tokens takes (each with its logits), as one step plus a cost
+    per extra token: t(n) = t(1) + slope * (n - 1). Each size's time is the fastest of its
+    last SAMPLES steps (a step is only ever slowed: by a size's first graph, another
+    thread holding the GIL, a shared machine); the slope is the median over the sizes
+    measured of (t(n) - t(1)) / (n - 1)."""
 
-    _sizes: list[int] = field(default_factory=list)
-    _seconds: dict[int, float] = field(default_factory=dict)
+    _samples: dict[int, deque[float]] = field(default_factory=dict)
+    _median: dict[int, float] = field(default_factory=dict)
+    _one: float | None = None
+    _slope: float | None = None
 
     def observe(self, n: int, seconds: float) -> None:
-        old = self._seconds.get(n)
-        if old is None:
-            bisect.insort(self._sizes, n)
-            self._seconds[n] = seconds
-        else:
-            self._seconds[n] = 0.8 * old + 0.2 * seconds
+        kept = self._samples.get(n)
+        if kept is None:
+            kept = self._samples[n] = deque(maxlen=SAMPLES)
+        kept.append(seconds)
+        self._median[n] = min(kept)
+        self._fit()
+
+    def _fit(self) -> None:
+        one = self._median.get(1)
+        if one is None:
+            return
+        slopes = [(t - one) / (n - 1) for n, t in self._median.items() if n > 1]
+        self._one = one
+        self._slope = max(statistics.median(slopes), 0.0) if slopes else None
 
     def estimate(self, n: int) -> float | None:
-        sizes = self._sizes
-        if not sizes:
+        if self._one is None or (n > 1 and self._slope is None):
             return None
-        if n in self._seconds:
-            return self._seconds[n]
-        i = bisect.bisect_left(sizes, n)
-        if i == 0:
-            return self._seconds[sizes[0]]
-        if i == len(sizes):
-            if len(sizes) == 1:
-                return self._seconds[sizes[0]] * n / sizes[0]
-            a, b = sizes[-2], sizes[-1]
-        else:
-            a, b = sizes[i - 1], sizes[i]
-        ta, tb = self._seconds[a], self._seconds[b]
-        return ta + (tb - ta) * (n - a) / (b - a)
+        return self._one + (self._slope or 0.0) * (n - 1)
 
-    def known(self) -> dict[int, float]:
-        return {n: round(self._seconds[n] * 1000, 3) for n in self._sizes}
+    def known(self) -> dict[str, float]:
+        out = {str(n): round(t * 1000, 3) for n, t in sorted(self._median.items())}
+        if self._slope is not None:
+            out["per_extra_token"] = round(self._slope * 1000, 3)
+        return out
 
 
 def plan(
-    candidates: list[tuple[Drafter, list[int]]],
+    candidates: list[tuple[Drafter, list[int], int]],
     base_tokens: int,
     base_outputs: int,
     room: int,
     costs: StepCosts,
+    acceptance: Acceptance,
 ) -> list[int]:
-    """How many of its draft each candidate puts in this step (0: none).
+    """How many tokens of its draft each candidate (drafter, draft, match length) puts
+    in this step (0: none).
 
     `base_tokens` are the step's tokens without drafts (one per decoding sequence, plus
     prompt chunks), `base_outputs` the tokens it yields (one per decoding sequence) and
     `room` the batch's free rows. A forced drafter takes what it has; the others are
-    taken one by one, each with the length that most raises the step's expected
-    tokens per second, and only where that beats the step without it by MARGIN.
+    taken one by one, each with the length that most raises the step's expected tokens
+    per second, and only where that beats the step without it by MARGIN.
     """
     out = [0] * len(candidates)
     tokens, outputs = base_tokens, float(base_outputs)
-    for i, (drafter, draft) in enumerate(candidates):
-        if room <= 0:
-            break
+    for i, (drafter, draft, matched) in enumerate(candidates):
         limit = min(len(draft), MAX_DRAFT, room)
         if limit <= 0:
             continue
+        scale = drafter.scale(acceptance.rate(matched))
+        gains = acceptance.expected(matched, limit, scale)
         if drafter.forced:
-            k = limit
+            k = min(limit, matched)  # as long as the match behind it: a guess that grows
         else:
             now = costs.estimate(tokens)
             if now is None:
@@ -186,12 +239,12 @@ def plan(
                 cost = costs.estimate(tokens + j)
                 if cost is None or cost <= 0:
                     break
-                rate = (outputs + expected(drafter.alpha, j)) / cost
+                rate = (outputs + gains[j - 1]) / cost
                 if rate > best_rate:
                     best_rate, k = rate, j
             if k == 0:
                 continue
-        outputs += expected(drafter.alpha, k)
+        outputs += gains[k - 1]
         out[i] = k
         tokens += k
         room -= k

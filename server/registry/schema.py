@@ -186,10 +186,11 @@ class ModelSpec(_Strict):
     )
     aliases: tuple[str, ...] = Field((), description="Other names that select this model.")
     cache_reuse: int = Field(
-        0,
+        256,
         ge=0,
         description="Chunk reuse after trimming: the shortest run of tokens kept and shifted"
-        " into place (0: off). An approximation; see README, Prompt caches.",
+        " into place (0: off; on by default wherever the model's memory can shift). An"
+        " approximation; see README, Prompt caches.",
     )
     defaults: SamplerDefaults = Field(
         default_factory=SamplerDefaults,
