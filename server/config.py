@@ -92,12 +92,11 @@ class Settings(BaseSettings):
         30.0, ge=0, description="Seconds in-flight requests may finish after SIGTERM."
     )
     speculative: Literal["auto", "off", "ngram"] = Field(
-        "auto",
-        description="N-gram speculative decoding for every model: auto drafts where each"
-        " slot's measured acceptance pays for the extra rows (so prose and full batches"
-        " are not slowed), ngram whenever the text repeats, off never. The output is the"
-        " same either way; models.yaml and requests (`speculative: false`) may say"
-        " otherwise.",
+        "off",
+        description="N-gram speculative decoding for every model: auto drafts where the"
+        " measured acceptance and step costs say it pays, ngram whenever the text repeats,"
+        " off never (the default, until auto is shown not to slow prose). The output is the"
+        " same either way; models.yaml and requests (`speculative`) may say otherwise.",
     )
     cache_reuse: int | None = Field(
         None,

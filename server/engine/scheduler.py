@@ -58,7 +58,7 @@ class LlamaEngine:
         max_queue: int = 64,
         cache_reuse: int = 0,
         prompt_cache: PromptCache | None = None,
-        speculative: Mode = "auto",
+        speculative: Mode = "off",
         deliver: Callable[[list[tuple[int, list[SeqOutput]]]], None] | None = None,
     ) -> None:
         self.model = LlamaModel(path, options)
