@@ -112,19 +112,26 @@ async def one(
         "model": t.model, "messages": messages, "max_tokens": n, "temperature": 0,
         "stream": True, "logit_bias": ban, "stream_options": {"include_usage": True},
     }  # fmt: skip
+    return await timed_stream(client, t, "/chat/completions", body)
+
+
+async def timed_stream(
+    client: httpx.AsyncClient, t: Target, route: str, body: dict[str, Any]
+) -> Result:
+    """Stream one request: time to its first text, its tokens, its total time."""
     for attempt in range(2):
         start = time.perf_counter()
         ttft = 0.0
         tokens = chunks = 0
         try:
-            async with client.stream("POST", t.url + "/chat/completions", json=body) as r:
+            async with client.stream("POST", t.url + route, json=body) as r:
                 r.raise_for_status()
                 async for line in r.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     chunk = json.loads(line[6:])
                     for c in chunk.get("choices", []):
-                        if c.get("delta", {}).get("content"):
+                        if c.get("text") or c.get("delta", {}).get("content"):
                             chunks += 1
                             if not ttft:
                                 ttft = time.perf_counter() - start
@@ -288,27 +295,7 @@ async def one_completion(
         "model": t.model, "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True,
         "logit_bias": ban, "stream_options": {"include_usage": True},
     }  # fmt: skip
-    start = time.perf_counter()
-    ttft = 0.0
-    tokens = chunks = 0
-    try:
-        async with client.stream("POST", t.url + "/completions", json=body) as r:
-            r.raise_for_status()
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                for c in chunk.get("choices", []):
-                    if c.get("text"):
-                        chunks += 1
-                        if not ttft:
-                            ttft = time.perf_counter() - start
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-    except httpx.HTTPError as exc:
-        t.errors += 1
-        print(f"{t.name}: request failed: {exc!r}", file=sys.stderr)
-    return Result(ttft, tokens or chunks, time.perf_counter() - start)
+    return await timed_stream(client, t, "/completions", body)
 
 
 async def sample_edit(client: httpx.AsyncClient, t: Target, args: argparse.Namespace) -> Sample:
