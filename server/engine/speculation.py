@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Mode = Literal["auto", "off", "ngram"]
-MODES: tuple[Mode, ...] = ("auto", "off", "ngram")
 
 NGRAM = 4
 """Tokens that must match to draft: short enough to pick a copy up again soon after an
