@@ -10,19 +10,28 @@ LLAMA_CPP_VERSION="0.3.36"
 # CMake flags for building llama.cpp. llama.cpp's default is -march=native, which turns on
 # AMX where the CPU reports it; on VMs whose hypervisor does not run AMX, the first matmul
 # then dies with SIGILL. So on such CPUs build for the CPU's own features minus AMX.
-# A CMAKE_ARGS set by the caller (e.g. -DGGML_CUDA=on) wins.
+# A CMAKE_ARGS set by the caller (e.g. -DGGML_CUDA=on) wins. Every build has ggml's RPC
+# backend (-DGGML_RPC=ON: `hostler rpc-worker` and models split over `rpc:` workers)
+# unless the caller's CMAKE_ARGS say otherwise.
 llama_cmake_args() {
+  local rpc="-DGGML_RPC=ON"
   if [ -n "${CMAKE_ARGS:-}" ]; then
-    echo "$CMAKE_ARGS"
+    case "$CMAKE_ARGS" in
+      *GGML_RPC*) echo "$CMAKE_ARGS" ;;
+      *) echo "$CMAKE_ARGS $rpc" ;;
+    esac
     return
   fi
   local flags
   flags=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || true)
   case " $flags " in
     *" amx_tile "*) ;;
-    *) return ;;  # no AMX: llama.cpp's native build is right
+    *)
+      echo "$rpc"  # no AMX: llama.cpp's native build is right
+      return
+      ;;
   esac
-  local args="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+  local args="$rpc -DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
   local pair
   for pair in sse4_2:SSE42 f16c:F16C fma:FMA bmi2:BMI2 avx:AVX avx2:AVX2 avx_vnni:AVX_VNNI \
     avx512f:AVX512 avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do

@@ -35,6 +35,11 @@ MAX_DRAFT = 64
 drafted row costs a fraction of a decode step)."""
 MAX_MATCH = 64
 """How far back a match is measured: the longer it is, the likelier the copy goes on."""
+AUTO_MIN_MATCH = 16
+"""In auto mode a sequence drafts only behind a match at least this long: a copy (an
+edited file, a diff, JSON read back) matches far longer, while prose matches this long
+only where it repeats itself (llama-server's ngram-mod waits for 24). Shorter chance
+matches are mostly rejected, and each rejected row is a cost plain decoding never pays."""
 MARGIN = 1.1
 """A plan must promise this much more throughput than plain decoding (costs are noisy)."""
 SAMPLES = 16
@@ -217,7 +222,8 @@ def plan(
     prompt chunks), `base_outputs` the tokens it yields (one per decoding sequence) and
     `room` the batch's free rows. A forced drafter takes what it has; the others are
     taken one by one, each with the length that most raises the step's expected tokens
-    per second, and only where that beats the step without it by MARGIN.
+    per second, and only where that beats the step without it by MARGIN (and only
+    behind a match of AUTO_MIN_MATCH tokens or more).
     """
     out = [0] * len(candidates)
     tokens, outputs = base_tokens, float(base_outputs)
@@ -229,6 +235,8 @@ def plan(
         gains = acceptance.expected(matched, limit, scale)
         if drafter.forced:
             k = min(limit, matched)  # as long as the match behind it: a guess that grows
+        elif matched < AUTO_MIN_MATCH:
+            continue
         else:
             now = costs.estimate(tokens)
             if now is None:

@@ -1,0 +1,94 @@
+"""The n-gram drafter and the auto policy, without a model: what is drafted, how long,
+and when nothing is."""
+
+from server.engine.speculation import (
+    AUTO_MIN_MATCH,
+    MAX_DRAFT,
+    Acceptance,
+    Drafter,
+    NgramIndex,
+    StepCosts,
+    plan,
+)
+
+
+def costs(one: float = 0.016, per_row: float = 0.001) -> StepCosts:
+    c = StepCosts()
+    for n in (1, 2, 4, 8):
+        c.observe(n, one + per_row * (n - 1))
+    return c
+
+
+def test_a_repeated_run_drafts_what_followed_it_with_the_match_length() -> None:
+    text = list(range(100, 140))
+    index = NgramIndex([*text, 1, 2, *text[:20]])
+    draft, matched = index.draft(8)
+    assert draft == text[20:28]
+    assert matched == 20  # the whole copy so far matches the original
+
+
+def test_no_match_no_draft_and_pushed_tokens_are_indexed() -> None:
+    index = NgramIndex([1, 2, 3, 4, 5, 6])
+    assert index.draft(4) == ([], 0)
+    for t in (1, 2, 3, 4):
+        index.push(t)
+    assert index.draft(4) == ([5, 6, 1, 2], 4)
+    index.truncate(6)
+    assert index.tokens == [1, 2, 3, 4, 5, 6]
+    assert index.draft(4) == ([], 0)
+
+
+def test_step_costs_fit_a_line_from_the_fastest_samples() -> None:
+    c = costs(0.010, 0.002)
+    c.observe(4, 0.5)  # a slow outlier does not move the fastest
+    assert abs((c.estimate(1) or 0) - 0.010) < 1e-9
+    assert abs((c.estimate(9) or 0) - 0.026) < 1e-9
+
+
+def test_auto_drafts_long_behind_a_long_match_that_has_been_kept() -> None:
+    acc = Acceptance()
+    for _ in range(50):
+        acc.record(AUTO_MIN_MATCH, MAX_DRAFT, MAX_DRAFT)
+    drafter = Drafter(NgramIndex([]))
+    lengths = plan([(drafter, [7] * MAX_DRAFT, 40)], 1, 1, 500, costs(), acc)
+    assert lengths[0] >= 32
+
+
+def test_auto_never_drafts_behind_a_short_match() -> None:
+    acc = Acceptance()
+    for m in range(4, AUTO_MIN_MATCH):
+        for _ in range(50):
+            acc.record(m, 8, 8)  # even where short matches were always kept
+    drafter = Drafter(NgramIndex([]))
+    assert plan([(drafter, [7] * 8, AUTO_MIN_MATCH - 1)], 1, 1, 500, costs(), acc) == [0]
+
+
+def test_auto_stops_where_drafts_are_rejected_and_when_rows_cost_a_step() -> None:
+    rejected = Acceptance()
+    for m in range(0, 80, 4):
+        for _ in range(200):
+            rejected.record(m, 4, 0)
+    drafter = Drafter(NgramIndex([]))
+    assert plan([(drafter, [7] * 16, 40)], 1, 1, 500, costs(), rejected) == [0]
+    kept = Acceptance()
+    # A full batch: each extra row costs as much as a whole step, so nothing pays.
+    expensive = costs(0.016, 0.016)
+    assert plan([(drafter, [7] * 16, 40)], 8, 8, 500, expensive, kept) == [0]
+
+
+def test_forced_drafts_grow_with_the_match_and_fit_the_room() -> None:
+    drafter = Drafter(NgramIndex([]), forced=True)
+    acc = Acceptance()
+    assert plan([(drafter, [7] * 30, 6)], 1, 1, 500, costs(), acc) == [6]
+    assert plan([(drafter, [7] * 30, 40)], 1, 1, 10, costs(), acc) == [10]
+    assert plan([(drafter, [7] * 30, 40)], 1, 1, 0, costs(), acc) == [0]
+
+
+def test_a_sequence_whose_drafts_fail_drafts_less_than_the_table_says() -> None:
+    acc = Acceptance()
+    for _ in range(100):
+        acc.record(40, 8, 6)
+    good, bad = Drafter(NgramIndex([])), Drafter(NgramIndex([]))
+    for _ in range(20):
+        bad.record(8, 0)
+    assert bad.scale(acc.rate(40)) < 0.2 < good.scale(acc.rate(40))
