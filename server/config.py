@@ -70,14 +70,6 @@ class Settings(BaseSettings):
     slots: int | None = Field(
         None, ge=1, le=64, description="Parallel sequences per model (default 4 on CPU, 8 on GPU)."
     )
-    kept_chats: int | None = Field(
-        None,
-        ge=0,
-        le=192,
-        description="Idle chats whose KV cells stay resident beside the busy slots, so a"
-        " returning chat reads nothing back (default 3 per slot, at least 8; 0: off). They"
-        " share the context's cells: a full cache drops the least recently used first.",
-    )
     max_queue: int = Field(64, ge=0, description="Requests that may wait for a slot before 429.")
     threads: int = Field(0, ge=0, description="CPU threads for llama.cpp (0: one per core).")
     batch_size: int = Field(512, ge=32, description="Tokens per llama_decode step (n_batch).")

@@ -49,16 +49,6 @@ def gpu_offload_supported() -> bool:
     return bool(lc.llama_supports_gpu_offload())
 
 
-# Sequence ids one context may have (llama.cpp's LLAMA_MAX_SEQ, src/llama-cparams.h).
-LLAMA_MAX_SEQ = 256
-
-
-def _per_sequence_state(model: Any) -> bool:
-    """True for a recurrent or hybrid model: its memory holds a state per sequence id."""
-    hybrid = getattr(lc, "llama_model_is_hybrid", None)
-    return bool(lc.llama_model_is_recurrent(model)) or bool(hybrid and hybrid(model))
-
-
 # KV cache element types by name (their sizes: engine/gguf.py KV_BYTES).
 KV_TYPES: dict[str, int] = {
     "f16": lc.GGML_TYPE_F16,
@@ -82,11 +72,6 @@ class ContextOptions:
     main_gpu: int = 0
     tensor_split: tuple[float, ...] = ()
     """Fractions of the model per GPU (layer split); empty: llama.cpp's default."""
-    kept: int = 0
-    """Sequence ids beyond `slots` whose cells stay in the KV cache when their request
-    ends (idle chats kept resident, so a returning one copies nothing back): cells
-    are shared by all ids, so this costs no memory. Ignored for recurrent or hybrid
-    models, whose memory holds a state per id."""
     embeddings: bool = False
     """An embedding context: every token is output and pooled per sequence."""
     pooling: str | None = None
@@ -206,10 +191,7 @@ class LlamaModel:
         cparams.n_ctx = options.n_ctx
         cparams.n_batch = options.n_batch
         cparams.n_ubatch = min(options.n_ubatch, options.n_batch)
-        self.n_seq = options.slots
-        if options.kept > 0 and not _per_sequence_state(model):
-            self.n_seq = min(options.slots + options.kept, LLAMA_MAX_SEQ)
-        cparams.n_seq_max = self.n_seq
+        cparams.n_seq_max = options.slots
         if options.n_threads > 0:
             cparams.n_threads = options.n_threads
             cparams.n_threads_batch = options.n_threads

@@ -28,11 +28,6 @@ def common_prefix(a: npt.NDArray[np.int32], b: list[int]) -> int:
     return int(diff[0]) if diff.size else n
 
 
-def _would_save(held: int, keep: int) -> bool:
-    """A slot holding `held` tokens that keeps `keep` loses enough to be worth saving."""
-    return held - keep >= max(MIN_TOKENS, held // 4)
-
-
 class Placement:
     def __init__(
         self,
@@ -59,19 +54,12 @@ class Placement:
         prompt = seq.request.prompt_tokens
         arr = np.asarray(prompt, dtype=np.int32)
         last = len(prompt) - 1  # the last prompt token is always decoded, for its logits
-        # The least valuable free slot: the emptiest, least recently used.
-        spare = min(free, key=lambda s: (len(s.tokens) > 0, s.last_used))
-        in_place, n_prefix, chunks = spare, 0, []
-        best: tuple[int, float] = (-1, 0.0)
+        in_place, n_prefix, chunks = free[0], 0, []
+        best = (-1, 0.0)
         for s in free:
             n = min(common_prefix(arr, s.tokens), last)
             plan = self._reuse_plan(s, arr, n)
-            reused = reused_tokens(n, plan)
-            # Another chat's kept cells are not given up for a shared start: that start
-            # is copied (seq_cp shares the cells) into the spare slot instead.
-            if s is not spare and _would_save(len(s.tokens), reused):
-                continue
-            key = (reused, -s.last_used)
+            key = (reused_tokens(n, plan), -s.last_used)
             if key > best:
                 best, in_place, n_prefix, chunks = key, s, n, plan
         n_in_place = best[0]
@@ -83,6 +71,8 @@ class Placement:
                     donor, n_copy = s, n
         n_cache, entry = self.cache.best(arr) if self.cache is not None else (0, None)
         n_cache = min(n_cache, last)
+        # The least valuable free slot: the emptiest, least recently used.
+        spare = min(free, key=lambda s: (s is donor, len(s.tokens) > 0, s.last_used))
         keep = 0
         if entry is not None and n_cache >= max(n_in_place, n_copy) + MIN_RESTORE_GAIN:
             target = spare
@@ -144,7 +134,8 @@ class Placement:
         """Save the slot's state to the prompt cache if it is about to lose much of it."""
         if self.cache is None or slot.seq is not None:
             return
-        if not _would_save(len(slot.tokens), keep):
+        lost = len(slot.tokens) - keep
+        if lost < max(MIN_TOKENS, len(slot.tokens) // 4):
             return
         tokens = np.asarray(slot.tokens, dtype=np.int32)
         if self.cache.covers(tokens):
@@ -161,11 +152,8 @@ class Placement:
             # the prefill's positions would collide with them).
             self.model.seq_rm(slot.id, -1, -1)
             return 0
-        # A full cache makes room from the kept chats, least recently used first.
-        while not self.model.state_set(slot.id, state):
-            if not self.drop_idle():
-                self.model.seq_rm(slot.id, -1, -1)
-                return 0
+        if not self.model.state_set(slot.id, state):
+            return 0
         slot.tokens = entry.tokens[:n].tolist()
         if not self.model.seq_rm(slot.id, n, -1):
             self.model.seq_rm(slot.id, -1, -1)
@@ -175,13 +163,11 @@ class Placement:
         return n
 
     def drop_idle(self) -> bool:
-        """Empty the least recently used idle slot (its state saved first): room in a
-        full KV cache. False when no idle slot held anything."""
+        """Empty every idle slot (its state saved first): room in a full KV cache.
+        False when no idle slot held anything."""
         idle = [s for s in self.slots if s.seq is None and s.tokens]
-        if not idle:
-            return False
-        s = min(idle, key=lambda s: s.last_used)
-        self.save(s, 0)
-        self.model.seq_rm(s.id, -1, -1)
-        s.truncate(0)
-        return True
+        for s in idle:
+            self.save(s, 0)
+            self.model.seq_rm(s.id, -1, -1)
+            s.truncate(0)
+        return bool(idle)

@@ -69,9 +69,7 @@ class LlamaEngine:
         self.max_queue = max_queue
         # Rejected drafts are cut off with seq_rm: a memory that cannot cut cannot draft.
         self.speculative: Mode = speculative if self.model.can_shift() else "off"
-        # `slots` sequences run at once; the other ids keep idle chats' cells resident.
-        self._parallel = options.slots
-        self._slots = [Slot(i) for i in range(self.model.n_seq)]
+        self._slots = [Slot(i) for i in range(options.slots)]
         self._batch = Batch(options.n_batch)
         self._n_batch = options.n_batch
         self._ids = itertools.count(1)
@@ -172,8 +170,7 @@ class LlamaEngine:
         drafted = self.stats["draft_tokens"]
         return {
             "status": "error" if self._fatal else "ok",
-            "slots": self._parallel,
-            "kept_sequences": sum(1 for s in self._slots if s.seq is None and s.tokens),
+            "slots": len(self._slots),
             "slots_busy": sum(1 for s in self._slots if s.seq is not None),
             "queued": queued,
             **self.stats,
@@ -184,22 +181,8 @@ class LlamaEngine:
             "step_ms": self.costs.known() if self.speculative == "auto" else None,
             "draft_acceptance_by_match": self.acceptance.table() or None,
             "cache": self.cache.health() if self.cache is not None else None,
-            "slot_list": [slot_view(s, now) for s in self._shown_slots()],
+            "slot_list": [slot_view(s, now) for s in self._slots],
         }
-
-    def _shown_slots(self) -> list[Slot]:
-        """The busy slots and the idle ones holding tokens (most recent first), at
-        least `slots` of them: what the status page lists."""
-        busy = [s for s in self._slots if s.seq is not None]
-        idle = sorted(
-            (s for s in self._slots if s.seq is None),
-            key=lambda s: (not s.tokens, -s.last_used),
-        )
-        kept = [s for s in idle if s.tokens]
-        shown = busy + kept
-        if len(shown) < self._parallel:
-            shown += [s for s in idle if not s.tokens][: self._parallel - len(shown)]
-        return sorted(shown, key=lambda s: s.id)
 
     @property
     def busy(self) -> bool:
@@ -299,7 +282,7 @@ class LlamaEngine:
         """Move waiting sequences into free slots, reusing the longest cached prefix."""
         while self._waiting:
             free = [s for s in self._slots if s.seq is None]
-            if len(self._slots) - len(free) >= self._parallel:
+            if not free:
                 return
             seq = next((s for s in self._waiting if self._ready(s)), None)
             if seq is None:
@@ -465,9 +448,7 @@ class LlamaEngine:
         return outputs[0] if outputs else None
 
     def _decode_failed(self, rc: int) -> list[tuple[Seq, SeqOutput]]:
-        """No room in the KV cache (rc 1): drop the least recently used idle sequence's
-        cells (saved to the prompt cache first) and try again; with none left, end the
-        newest sequence."""
+        """No room in the KV cache (rc 1): drop idle caches, else end the newest sequence."""
         out: list[tuple[Seq, SeqOutput]] = []
         if rc == 1:
             if self.placement.drop_idle():

