@@ -101,8 +101,6 @@ class LlamaEngine:
         self.decoding = Decoding(self.model, self.stats)
         self.costs = StepCosts()
         self.acceptance = Acceptance()
-        if self.speculative != "off":
-            self._calibrate()
         self._thread = threading.Thread(target=self._run, name="hostler-engine", daemon=True)
         self._thread.start()
 
@@ -205,10 +203,10 @@ class LlamaEngine:
     # -- the engine thread ----------------------------------------------------------------
 
     def _calibrate(self) -> None:
-        """Time decodes of 1 to 8 tokens, each with its logits (a verification's shape),
+        """Time decodes of 1 to 32 tokens, each with its logits (a verification's shape),
         before the first request: what a draft of k tokens costs (steps refine it)."""
         batch, token = self._batch, max(self.info.bos_id, 0)
-        for n in (1, 1, 2, 2, 4, 4, 8, 8):  # the first one warms up
+        for n in (1, 1, 2, 2, 4, 4, 8, 8, 16, 16, 32, 32):  # the first one warms up
             if n > self._n_batch:
                 break
             batch.clear()
@@ -225,6 +223,10 @@ class LlamaEngine:
 
     def _run(self) -> None:
         try:
+            if self.speculative != "off":
+                # On this thread: llama.cpp's CPU threads (an OpenMP team) belong to the
+                # thread that decodes, and a team started elsewhere slows every step.
+                self._calibrate()
             while True:
                 with self._cond:
                     while not (

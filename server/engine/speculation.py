@@ -35,12 +35,13 @@ MAX_DRAFT = 64
 drafted row costs a fraction of a decode step)."""
 MAX_MATCH = 64
 """How far back a match is measured: the longer it is, the likelier the copy goes on."""
-AUTO_MIN_MATCH = 16
-"""In auto mode a sequence drafts only behind a match at least this long: a copy (an
-edited file, a diff, JSON read back) matches far longer, while prose matches this long
-only where it repeats itself (llama-server's ngram-mod waits for 24). Shorter chance
-matches are mostly rejected, and each rejected row is a cost plain decoding never pays."""
-MARGIN = 1.1
+AUTO_MIN_MATCH = 8
+"""In auto mode a sequence drafts only behind a match at least this long: chance matches
+of a few tokens (common phrases in prose) are mostly rejected, and each rejected row is
+a cost plain decoding never pays. A copy with edits every dozen tokens (a rename in a
+code file) must still draft between them, so this stays short (llama-server's ngram-mod
+waits for 24 and misses those)."""
+MARGIN = 1.05
 """A plan must promise this much more throughput than plain decoding (costs are noisy)."""
 SAMPLES = 16
 """Step times kept per batch size (the fastest is the estimate)."""
@@ -196,9 +197,21 @@ class StepCosts:
         self._slope = max(statistics.median(slopes), 0.0) if slopes else None
 
     def estimate(self, n: int) -> float | None:
+        """t(n): between two measured sizes, the line through them (a batch's cost grows
+        more slowly than its rows on many machines); past the largest, that size's time
+        plus the fitted slope per extra token."""
         if self._one is None or (n > 1 and self._slope is None):
             return None
-        return self._one + (self._slope or 0.0) * (n - 1)
+        sizes = sorted(self._median)
+        if n in self._median:
+            return self._median[n]
+        below = max((m for m in sizes if m < n), default=None)
+        above = min((m for m in sizes if m > n), default=None)
+        if below is not None and above is not None:
+            t0, t1 = self._median[below], self._median[above]
+            return t0 + (t1 - t0) * (n - below) / (above - below)
+        base = below if below is not None else 1
+        return self._median.get(base, self._one) + (self._slope or 0.0) * (n - base)
 
     def known(self) -> dict[str, float]:
         out = {str(n): round(t * 1000, 3) for n, t in sorted(self._median.items())}
