@@ -13,6 +13,8 @@ import signal
 
 LLAMA_CPP_VERSION = "0.3.36"  # keep in step with pyproject.toml and scripts/_env.sh
 
+RPC = "-DGGML_RPC=ON"  # every build: models split over `rpc:` workers
+
 # /proc/cpuinfo flag -> ggml's CMake switch (the pairs scripts/_env.sh uses).
 _FLAGS = [
     ("sse4_2", "SSE42"), ("f16c", "F16C"), ("fma", "FMA"), ("bmi2", "BMI2"), ("avx", "AVX"),
@@ -67,12 +69,13 @@ def risky_features() -> list[str]:
 
 
 def cmake_args(flags: set[str] | None = None) -> str:
-    """The CMake flags scripts/_env.sh builds with: native, unless the CPU reports AMX;
-    then its own features minus AMX."""
+    """The CMake flags scripts/_env.sh builds with: ggml's RPC backend, and native unless
+    the CPU reports AMX; then its own features minus AMX."""
     flags = cpu_flags() if flags is None else flags
     if "amx_tile" not in flags:
-        return ""
+        return RPC
     args = [
+        RPC,
         "-DGGML_NATIVE=OFF",
         "-DGGML_AMX_TILE=OFF",
         "-DGGML_AMX_INT8=OFF",
@@ -84,7 +87,9 @@ def cmake_args(flags: set[str] | None = None) -> str:
 
 
 def reinstall_command() -> str:
-    args = cmake_args() or "-DGGML_NATIVE=OFF"
+    args = cmake_args()
+    if args == RPC:  # a native build crashed: build for the features this CPU reports
+        args = f"{RPC} -DGGML_NATIVE=OFF"
     return (
         f'CMAKE_ARGS="{args}" pip install --force-reinstall --no-cache-dir --no-deps'
         f" llama-cpp-python=={LLAMA_CPP_VERSION}"

@@ -24,7 +24,8 @@ def test_cmake_args_for_a_cpu_with_amx() -> None:
     args = cpu.cmake_args({"amx_tile", "avx2", "fma", "avx512f"})
     assert "-DGGML_NATIVE=OFF" in args and "-DGGML_AMX_INT8=OFF" in args
     assert "-DGGML_AVX2=ON" in args and "-DGGML_AVX512=ON" in args and "-DGGML_AVX_VNNI=OFF" in args
-    assert cpu.cmake_args({"avx2"}) == ""  # no AMX: llama.cpp's native build is right
+    assert "-DGGML_RPC=ON" in args
+    assert cpu.cmake_args({"avx2"}) == "-DGGML_RPC=ON"  # no AMX: native is right
 
 
 def test_crash_hint(monkeypatch: pytest.MonkeyPatch) -> None:
