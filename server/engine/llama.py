@@ -44,9 +44,12 @@ def _ensure_backend() -> None:
 
 
 def gpu_offload_supported() -> bool:
-    """True when this llama.cpp build has a GPU backend (CUDA, Metal, ...)."""
+    """True when this llama.cpp build has a GPU backend (CUDA, Metal, ...) with a device.
+    Not `llama_supports_gpu_offload()`, which is true for any build with RPC in it."""
+    from server.engine.ggml import has_local_gpu
+
     _ensure_backend()
-    return bool(lc.llama_supports_gpu_offload())
+    return has_local_gpu()
 
 
 # KV cache element types by name (their sizes: engine/gguf.py KV_BYTES).
@@ -277,7 +280,7 @@ class LlamaModel:
             n_ctx_train=int(lc.llama_model_n_ctx_train(self.model)),
             file_bytes=0,
         )
-        offload = self.options.n_gpu_layers != 0 and bool(lc.llama_supports_gpu_offload())
+        offload = self.options.n_gpu_layers != 0 and gpu_offload_supported()
         wanted = self.options.n_gpu_layers
         gpu_layers = 0
         if offload:

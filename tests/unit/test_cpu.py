@@ -45,3 +45,16 @@ def test_version_is_the_pinned_one() -> None:
 
 def test_this_build_runs_here() -> None:
     assert "AMX_INT8" not in cpu.risky_features()  # scripts/_env.sh built it without AMX
+
+
+def test_a_build_with_rpc_is_not_a_gpu_here() -> None:
+    # llama_supports_gpu_offload() is true for any build with the RPC backend; the
+    # server asks the devices (this machine has no GPU: CPU defaults stay).
+    from server.engine import ggml
+    from server.engine.llama import gpu_offload_supported
+
+    kinds = {d.kind for d in ggml.devices()}
+    assert ggml.DEV_CPU in kinds
+    assert gpu_offload_supported() == ggml.has_local_gpu()
+    if not (kinds & {ggml.DEV_GPU, ggml.DEV_IGPU}):
+        assert not gpu_offload_supported()

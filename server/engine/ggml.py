@@ -1,0 +1,82 @@
+"""ggml's backend device registry (`ggml-backend.h`), which llama-cpp-python does not
+bind: which devices this build and its registered backends offer.
+
+`llama_supports_gpu_offload()` is true whenever the build has the RPC backend, even
+with no worker registered and no GPU at all, so "is there a GPU" is asked of the
+devices themselves.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+
+# enum ggml_backend_dev_type
+DEV_CPU, DEV_GPU, DEV_IGPU, DEV_ACCEL, DEV_META = range(5)
+
+
+@functools.cache
+def lib() -> ctypes.CDLL:
+    """libggml as llama-cpp-python loaded it (the same copy: its registry is shared)."""
+    folder = Path(llama_cpp.__file__).parent / "lib"
+    for name in ("libggml.so", "libggml.dylib", "ggml.dll"):
+        if (folder / name).exists():
+            g = ctypes.CDLL(str(folder / name))
+            break
+    else:  # pragma: no cover - a build laid out differently
+        raise OSError(f"libggml not found under {folder}")
+    vp, sz = ctypes.c_void_p, ctypes.c_size_t
+    g.ggml_backend_dev_count.restype = sz
+    g.ggml_backend_dev_get.argtypes, g.ggml_backend_dev_get.restype = [sz], vp
+    g.ggml_backend_dev_type.argtypes, g.ggml_backend_dev_type.restype = [vp], ctypes.c_int
+    g.ggml_backend_dev_name.argtypes, g.ggml_backend_dev_name.restype = [vp], ctypes.c_char_p
+    g.ggml_backend_dev_description.argtypes = [vp]
+    g.ggml_backend_dev_description.restype = ctypes.c_char_p
+    g.ggml_backend_dev_memory.argtypes = [vp, ctypes.POINTER(sz), ctypes.POINTER(sz)]
+    g.ggml_backend_dev_memory.restype = None
+    return g
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    description: str
+    kind: int
+    free: int
+    total: int
+
+    @property
+    def remote(self) -> bool:
+        return self.name.startswith("RPC")
+
+
+def devices() -> list[Device]:
+    """Every device of every registered backend (CPU, GPUs, RPC workers added so far)."""
+    from server.engine.llama import _ensure_backend
+
+    _ensure_backend()
+    g = lib()
+    out = []
+    for i in range(g.ggml_backend_dev_count()):
+        dev = g.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        g.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        out.append(
+            Device(
+                name=(g.ggml_backend_dev_name(dev) or b"").decode(),
+                description=(g.ggml_backend_dev_description(dev) or b"").decode(),
+                kind=int(g.ggml_backend_dev_type(dev)),
+                free=int(free.value),
+                total=int(total.value),
+            )
+        )
+    return out
+
+
+def has_local_gpu() -> bool:
+    """True when a GPU of this machine is a device (CUDA, Metal, Vulkan, ...)."""
+    return any(d.kind in (DEV_GPU, DEV_IGPU) and not d.remote for d in devices())
