@@ -52,6 +52,24 @@ def _parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("ps", help="what a running server has loaded")
     ps.add_argument("--url", default=None, help="the server (default: --host/--port settings)")
     ps.add_argument("--api-key", default=None, help="its key (default: HOSTLER_API_KEY)")
+    worker = sub.add_parser(
+        "rpc-worker",
+        help="serve this machine's devices to a server that splits a model (ggml RPC)",
+        description="ggml's RPC server, from the same llama.cpp as `hostler serve`. It has"
+        " no authentication: keep it on loopback or a private network (README: more than"
+        " one machine).",
+    )
+    worker.add_argument("--host", default="127.0.0.1", help="address (default: loopback)")
+    worker.add_argument("--port", type=int, default=50052)
+    worker.add_argument("--threads", type=int, default=0, help="CPU threads (0: one per core)")
+    worker.add_argument(
+        "--device",
+        default="",
+        help="devices to serve, e.g. CUDA0,CUDA1 (default: the GPUs, else the CPU)",
+    )
+    worker.add_argument(
+        "--cache", action="store_true", help="cache uploaded tensors on this machine's disk"
+    )
     for verb in ("load", "unload"):
         p = sub.add_parser(verb, help=f"{verb} a model on a running server")
         p.add_argument("name", help="model name or alias")
@@ -253,6 +271,35 @@ def _table(rows: Sequence[tuple[str, ...]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _rpc_worker(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from server.engine.rpc import serve_worker
+
+    if not 0 < args.port < 65536:
+        print(f"hostler: --port {args.port} is not a port", file=sys.stderr)
+        return 2
+    if args.host not in LOOPBACK:
+        print(
+            "\n!!! hostler rpc-worker: listening on " + args.host + " !!!\n"
+            "The RPC protocol has no authentication and has had published advisories:\n"
+            "anyone who reaches this port can run code on this machine's devices.\n"
+            "Use it only on a private network, or keep it on 127.0.0.1 and reach it\n"
+            "through an SSH tunnel (README: more than one machine).\n",
+            file=sys.stderr,
+        )
+    devices = [d for d in args.device.split(",") if d]
+    threads = args.threads or (os.cpu_count() or 1)
+    cache = Path.home() / ".cache" / "hostler" / "rpc" if args.cache else None
+    print(f"hostler rpc-worker on {args.host}:{args.port}", file=sys.stderr, flush=True)
+    serve_worker(args.host, args.port, threads, devices, cache)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -262,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
             return _pull(args)
         if args.command == "ps":
             return _ps(args)
+        if args.command == "rpc-worker":
+            return _rpc_worker(args)
         if args.command in ("load", "unload"):
             from urllib.parse import quote
 

@@ -174,6 +174,9 @@ def main(argv: list[str]) -> int:
     # The engine thread and this thread (which reads the parent's messages) share the
     # GIL: a short switch interval keeps a new request from waiting up to 5 ms for it.
     sys.setswitchinterval(0.0005)
+    # A fatal ggml error (a dead RPC worker: "Remote RPC server crashed") aborts this
+    # process; without a gdb backtrace its message is the last output the pool reports.
+    os.environ.setdefault("GGML_NO_BACKTRACE", "1")
     conn = Connection(int(argv[1]))
     level = os.environ.get("HOSTLER_CHILD_LOG_LEVEL", "WARNING").upper()
     logging.basicConfig(

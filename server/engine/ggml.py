@@ -13,22 +13,36 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-import llama_cpp
-
 # enum ggml_backend_dev_type
 DEV_CPU, DEV_GPU, DEV_IGPU, DEV_ACCEL, DEV_META = range(5)
+
+
+def _loaded_path(folder: Path) -> Path | None:
+    """The libggml file this process already mapped (libllama's dependency, by its
+    soname): opening it by another name (the unversioned symlink) would load a second
+    copy with a registry of its own, whose devices llama.cpp never sees."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        path = Path(line.split()[-1]) if line.count("/") else None
+        if path and path.parent == folder and path.name.startswith("libggml.so"):
+            return path
+    return None
 
 
 @functools.cache
 def lib() -> ctypes.CDLL:
     """libggml as llama-cpp-python loaded it (the same copy: its registry is shared)."""
+    import llama_cpp.llama_cpp  # loads libllama and, with it, libggml
+
     folder = Path(llama_cpp.__file__).parent / "lib"
-    for name in ("libggml.so", "libggml.dylib", "ggml.dll"):
-        if (folder / name).exists():
-            g = ctypes.CDLL(str(folder / name))
-            break
-    else:  # pragma: no cover - a build laid out differently
+    names = ("libggml.so.0", "libggml.0.dylib", "libggml.dylib", "ggml.dll", "libggml.so")
+    path = _loaded_path(folder) or next((folder / n for n in names if (folder / n).exists()), None)
+    if path is None:  # pragma: no cover - a build laid out differently
         raise OSError(f"libggml not found under {folder}")
+    g = ctypes.CDLL(str(path))
     vp, sz = ctypes.c_void_p, ctypes.c_size_t
     g.ggml_backend_dev_count.restype = sz
     g.ggml_backend_dev_get.argtypes, g.ggml_backend_dev_get.restype = [sz], vp

@@ -75,6 +75,8 @@ class ContextOptions:
     main_gpu: int = 0
     tensor_split: tuple[float, ...] = ()
     """Fractions of the model per GPU (layer split); empty: llama.cpp's default."""
+    rpc: tuple[str, ...] = ()
+    """RPC workers whose devices hold layers (registered before the model loads)."""
     embeddings: bool = False
     """An embedding context: every token is output and pooled per sequence."""
     pooling: str | None = None
@@ -176,6 +178,13 @@ class LlamaModel:
     def __init__(self, path: Path, options: ContextOptions) -> None:
         _ensure_backend()
         self.options = options
+        self.rpc_devices: list[Any] = []
+        if options.rpc:
+            from server.engine.rpc import add_workers
+
+            self.rpc_devices = add_workers(list(options.rpc))
+            for d in self.rpc_devices:
+                log.info("RPC device %s at %s: %d MiB free", d.name, d.description, d.free >> 20)
         mparams = lc.llama_model_default_params()
         mparams.n_gpu_layers = options.n_gpu_layers
         mparams.main_gpu = options.main_gpu
@@ -280,7 +289,9 @@ class LlamaModel:
             n_ctx_train=int(lc.llama_model_n_ctx_train(self.model)),
             file_bytes=0,
         )
-        offload = self.options.n_gpu_layers != 0 and gpu_offload_supported()
+        offload = self.options.n_gpu_layers != 0 and (
+            bool(self.rpc_devices) or gpu_offload_supported()
+        )
         wanted = self.options.n_gpu_layers
         gpu_layers = 0
         if offload:
@@ -298,6 +309,7 @@ class LlamaModel:
             size_bytes=int(lc.llama_model_size(self.model)),
             n_params=int(lc.llama_model_n_params(self.model)),
             gpu_offload=offload,
+            rpc_devices=tuple(f"{d.name} {d.description}" for d in self.rpc_devices),
             slots=self.options.slots,
             bos_id=bos,
             max_token_bytes=self.max_token_bytes,

@@ -317,7 +317,10 @@ def describe(engine: Engine, estimate: int) -> str:
     info = engine.info
     parts = [f"context {info.n_ctx}", f"{info.slots} slots"]
     if info.n_layer:
-        parts.append(f"{info.gpu_layers}/{info.n_layer} layers on GPU")
+        where = "devices" if info.rpc_devices else "GPU"
+        parts.append(f"{info.gpu_layers}/{info.n_layer} layers on {where}")
+    if info.rpc_devices:
+        parts.append("RPC workers " + ", ".join(info.rpc_devices))
     if info.kv_bytes:
         parts.append(f"KV cache {_gib(info.kv_bytes)} ({info.kv_type})")
     parts.append(f"weights {_gib(info.size_bytes)}")
@@ -354,4 +357,5 @@ def _facts(info: ModelInfo) -> dict[str, Any]:
         "gpu_layers": on_gpu,
         "layers": layers,
         "vram_bytes": int((info.size_bytes + info.kv_bytes) * share),
+        "rpc_devices": list(info.rpc_devices),
     }

@@ -151,6 +151,9 @@ class ModelInfo:
     """An embedding model's pooling (mean, cls, last, rank); None for a chat model."""
     n_embd: int = 0
     """Floats per pooled output (embedding models): the vector's size, 1 for a reranker."""
+    rpc_devices: tuple[str, ...] = ()
+    """RPC workers' devices holding layers, as "RPC0 host:port" (first in llama.cpp's
+    device order)."""
 
 
 class GenerationHandle(Protocol):

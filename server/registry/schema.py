@@ -172,6 +172,13 @@ class ModelSpec(_Strict):
         description="Share of the layers per GPU, e.g. [3, 1] (split by layer); empty:"
         " llama.cpp's default (by free memory).",
     )
+    rpc: tuple[str, ...] = Field(
+        (),
+        max_length=16,
+        description="RPC workers (`hostler rpc-worker`) that hold layers of this model, as"
+        " host:port; their devices come before the local GPUs, and tensor_split covers"
+        " them in that order. gpu_layers 0 or 'auto' means all layers here.",
+    )
     batch_size: int | None = Field(
         None, ge=32, description="Tokens per llama_decode step (unset: the server's)."
     )
@@ -268,6 +275,15 @@ class ModelSpec(_Strict):
         if not self.embedding:
             return "chat"
         return "rerank" if self.pooling == "rank" else "embedding"
+
+    @field_validator("rpc")
+    @classmethod
+    def _endpoints(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from server.engine.rpc import split_endpoint
+
+        for ep in value:
+            split_endpoint(ep)  # ValueError: "not host:port: ..."
+        return value
 
     @model_validator(mode="after")
     def _flash_for_quantized_kv(self) -> ModelSpec:

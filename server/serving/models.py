@@ -96,7 +96,9 @@ def context_options(spec: ModelSpec, settings: Settings, path: Path) -> ContextO
     if spec.kv_cache_type != "f16":
         flash = True  # llama.cpp needs it for a quantized V cache
     layers = spec.n_gpu_layers if gpu else 0
-    if gpu and spec.gpu_layers == "auto":
+    if spec.rpc and (spec.gpu_layers in (0, "auto")):
+        layers = -1  # a model split over workers puts every layer on a device
+    if gpu and spec.gpu_layers == "auto" and not spec.rpc:
         devices = gpus()
         if spec.tensor_split:
             free = sum(d.free for d in devices)
@@ -116,6 +118,7 @@ def context_options(spec: ModelSpec, settings: Settings, path: Path) -> ContextO
         kv_type=spec.kv_cache_type,
         main_gpu=spec.main_gpu,
         tensor_split=spec.tensor_split,
+        rpc=spec.rpc,
     )
 
 
