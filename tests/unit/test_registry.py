@@ -37,6 +37,17 @@ def test_bad_file_names_file_model_and_key(tmp_path: Path) -> None:
     assert str(f) in msg and "'tiny'" in msg and "context" in msg
 
 
+def test_rpc_workers_are_host_port(tmp_path: Path) -> None:
+    f = tmp_path / "models.yaml"
+    entry = "models:\n  tiny:\n    source: {type: path, path: x.gguf}\n    rpc: [%s]\n"
+    f.write_text(entry % '"10.0.0.2:50052", "[::1]:50053"')
+    assert load_models_file(f).models["tiny"].rpc == ("10.0.0.2:50052", "[::1]:50053")
+    for bad in ('"10.0.0.2"', '"gpu-box:0"', '":50052"', '"box:port"'):
+        f.write_text(entry % bad)
+        with pytest.raises(ConfigError, match="rpc"):
+            load_models_file(f)
+
+
 def test_unknown_key_is_rejected(tmp_path: Path) -> None:
     f = tmp_path / "models.yaml"
     f.write_text("models:\n  tiny:\n    source: {type: path, path: x.gguf}\n    contxt: 5\n")
