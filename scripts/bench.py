@@ -35,6 +35,12 @@ The status page's cost: decode speed alone, with the page open in headless Chrom
 
     scripts/bench.py --hostler --rounds 10 --tokens 128 --scenarios status-page
 
+A model split over two `hostler rpc-worker` processes on loopback (each with half the
+threads) against the same file local, both served by one Hostler, taken in turn each
+round (needs only --hostler):
+
+    scripts/bench.py --hostler --rounds 6 --tokens 128 --scenarios rpc-split
+
 Long-chat scenarios (prompt caches), against llama-server with and without
 `--cache-reuse 256`, on 2 slots:
 
@@ -47,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib.util
 import json
 import os
@@ -383,6 +390,49 @@ async def sample_status_page(
     return out
 
 
+async def sample_split(
+    client: httpx.AsyncClient, t: Target, args: argparse.Namespace, round_no: int
+) -> Sample:
+    """The same file local and split over two `hostler rpc-worker` processes (one server
+    serves both), taken in an order that turns each round: the price of the split."""
+    out: Sample = {}
+    kinds = [("local", t.model), ("split", "bench-split")]
+    if round_no == 0:  # the split model loads on its first request
+        split = dataclasses.replace(t, model="bench-split")
+        await one(client, split, [{"role": "user", "content": QUESTION}], 8, args.ban_map)
+    for kind, model in kinds[round_no % 2 :] + kinds[: round_no % 2]:
+        target = dataclasses.replace(t, model=model)
+        r = await one(
+            client, target, [{"role": "user", "content": QUESTION}], args.tokens, args.ban_map
+        )
+        out[f"{kind} decode tok/s"] = r.decode_tps
+        out[f"{kind} TTFT ms"] = 1000 * r.ttft
+    out["ratio split/local decode"] = out["split decode tok/s"] / out["local decode tok/s"]
+    return out
+
+
+def start_workers(n: int, threads: int, log_dir: Path) -> list[tuple[subprocess.Popen[bytes], str]]:
+    """`n` RPC workers on loopback, each answering on its port; (process, host:port)."""
+    workers = []
+    for i in range(n):
+        port = free_port()
+        cmd = [sys.executable, "-m", "server", "rpc-worker", "--port", str(port)]
+        with (log_dir / f"bench-rpc-worker{i}.log").open("w") as log:
+            proc = subprocess.Popen([*cmd, "--threads", str(threads)], stdout=log, stderr=log)
+        workers.append((proc, f"127.0.0.1:{port}"))
+    for proc, endpoint in workers:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", int(endpoint.split(":")[1])), 1):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"rpc-worker {endpoint} did not start") from None
+                time.sleep(0.2)
+    return workers
+
+
 def _user(chat: int, k: int) -> dict[str, str]:
     text = f"(chat {chat}, turn {k}) I sit by the window and ask about the storm, the ships "
     return {"role": "user", "content": text + "and the old war, and I order more tea. " * 2}
@@ -514,6 +564,8 @@ def run_rounds(targets: list[Target], args: argparse.Namespace) -> dict[str, lis
                             got = await sample_prose(client, t, args)
                         elif kind == "status-page":
                             got = await sample_status_page(client, t, args, i, watchers)
+                        elif kind == "rpc-split":
+                            got = await sample_split(client, t, args, i)
                         else:
                             got = await sample_turns(client, t, args, i)
                         print(f"{t.name} {got}", file=sys.stderr)
@@ -651,7 +703,7 @@ def main() -> int:
         type=lambda s: s.split(","),
         default=["single", "aggregate", "turns"],
         help="comma list of: single, aggregate, turns, trimmed, rotating, restart,"
-        " claude-code, embeddings, status-page, edit, prose",
+        " claude-code, embeddings, status-page, edit, prose, rpc-split",
     )
     p.add_argument("--embed-inputs", type=int, default=64, help="embeddings: inputs a request")
     p.add_argument("--embed-ctx", type=int, default=2048, help="embeddings: model context")
@@ -690,6 +742,16 @@ def main() -> int:
     )
     embeddings = "embeddings" in args.scenarios
     log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
+    workers: list[tuple[subprocess.Popen[bytes], str]] = []
+    if "rpc-split" in args.scenarios:
+        # The same file split over two RPC workers, each with half the threads.
+        workers = start_workers(2, max(1, args.threads // 2), log_dir)
+        endpoints = json.dumps([endpoint for _, endpoint in workers])
+        with registry.open("a") as f:
+            f.write(
+                f"  bench-split:\n    source: {{path: {json.dumps(gguf)}}}\n"
+                f"    context: {args.ctx}\n    rpc: {endpoints}\n"
+            )
     names = args.name + [f"url{i}" for i in range(len(args.name), len(args.url))]
     targets = [Target(n, u, args.model) for n, u in zip(names, args.url, strict=False)]
     for t in targets:
@@ -704,6 +766,8 @@ def main() -> int:
                 cmd += ["--models-file", str(registry)]
                 cmd += ["--port", str(port), "--slots", str(args.slots)]
                 cmd += ["--threads", str(args.threads), "--log-level", "warning"]
+                if workers:
+                    cmd += ["--max-models", "3"]  # bench and bench-split stay loaded
                 return [*cmd, "--cache-dir", str(cache_dir), *shlex.split(args.hostler_args)]
 
             targets.append(start("hostler", hostler, port, "bench", log_dir))
@@ -767,6 +831,9 @@ def main() -> int:
     finally:
         for t in targets + sidecars:
             stop(t)
+        for proc, _ in workers:
+            proc.kill()
+            proc.wait()
     metrics = list(targets[0].results) if targets else []
     names = [t.name for t in targets]
     peers = targets[1:]
