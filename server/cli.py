@@ -271,19 +271,20 @@ def _table(rows: Sequence[tuple[str, ...]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
-
-
 def _rpc_worker(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
+    from server.config import LOOPBACK_HOSTS
     from server.engine.rpc import serve_worker
 
     if not 0 < args.port < 65536:
         print(f"hostler: --port {args.port} is not a port", file=sys.stderr)
         return 2
-    if args.host not in LOOPBACK:
+    if not 0 <= args.threads <= 1024:
+        print(f"hostler: --threads {args.threads} is not 0 (one per core) to 1024", file=sys.stderr)
+        return 2
+    if args.host not in LOOPBACK_HOSTS:
         print(
             "\n!!! hostler rpc-worker: listening on " + args.host + " !!!\n"
             "The RPC protocol has no authentication and has had published advisories:\n"

@@ -52,7 +52,21 @@ def lib() -> ctypes.CDLL:
     g.ggml_backend_dev_description.restype = ctypes.c_char_p
     g.ggml_backend_dev_memory.argtypes = [vp, ctypes.POINTER(sz), ctypes.POINTER(sz)]
     g.ggml_backend_dev_memory.restype = None
+    g.ggml_backend_dev_by_name.argtypes, g.ggml_backend_dev_by_name.restype = [ctypes.c_char_p], vp
+    g.ggml_backend_dev_by_type.argtypes, g.ggml_backend_dev_by_type.restype = [ctypes.c_int], vp
+    g.ggml_backend_reg_by_name.argtypes, g.ggml_backend_reg_by_name.restype = [ctypes.c_char_p], vp
+    g.ggml_backend_reg_get_proc_address.argtypes = [vp, ctypes.c_char_p]
+    g.ggml_backend_reg_get_proc_address.restype = vp
+    g.ggml_backend_register.argtypes, g.ggml_backend_register.restype = [vp], None
     return g
+
+
+def backend() -> ctypes.CDLL:
+    """`lib()` once llama.cpp's backends are initialised (their devices registered)."""
+    from server.engine.llama import _ensure_backend
+
+    _ensure_backend()
+    return lib()
 
 
 @dataclass(frozen=True)
@@ -70,10 +84,7 @@ class Device:
 
 def devices() -> list[Device]:
     """Every device of every registered backend (CPU, GPUs, RPC workers added so far)."""
-    from server.engine.llama import _ensure_backend
-
-    _ensure_backend()
-    g = lib()
+    g = backend()
     out = []
     for i in range(g.ggml_backend_dev_count()):
         dev = g.ggml_backend_dev_get(i)

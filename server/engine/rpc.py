@@ -47,11 +47,7 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
 
 
 def _proc(name: str) -> int:
-    g = ggml.lib()
-    g.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
-    g.ggml_backend_reg_by_name.restype = ctypes.c_void_p
-    g.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    g.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+    g = ggml.backend()
     reg = g.ggml_backend_reg_by_name(b"RPC")
     if not reg:
         raise ModelLoadError(
@@ -77,15 +73,10 @@ def probe(endpoint: str, timeout: float = CONNECT_TIMEOUT) -> None:
 def add_workers(endpoints: list[str]) -> list[ggml.Device]:
     """Register every worker's devices (each checked to answer first); the devices
     added, in order."""
-    from server.engine.llama import _ensure_backend
-
-    _ensure_backend()
     for ep in endpoints:
         probe(ep)
     add = _ADD(_proc("ggml_backend_rpc_add_server"))
-    g = ggml.lib()
-    g.ggml_backend_register.argtypes = [ctypes.c_void_p]
-    g.ggml_backend_register.restype = None
+    g = ggml.backend()
     before = {d.name for d in ggml.devices()}
     for ep in endpoints:
         reg = add(ep.encode())
@@ -97,12 +88,7 @@ def add_workers(endpoints: list[str]) -> list[ggml.Device]:
 
 def worker_devices(names: list[str]) -> list[int]:
     """ggml device handles for a worker: the named ones, else every GPU, else the CPU."""
-    from server.engine.llama import _ensure_backend
-
-    _ensure_backend()
-    g = ggml.lib()
-    g.ggml_backend_dev_by_name.argtypes = [ctypes.c_char_p]
-    g.ggml_backend_dev_by_name.restype = ctypes.c_void_p
+    g = ggml.backend()
     handles: list[int] = []
     if names:
         for name in names:
@@ -117,8 +103,6 @@ def worker_devices(names: list[str]) -> list[int]:
         if g.ggml_backend_dev_type(dev) in (ggml.DEV_GPU, ggml.DEV_IGPU):
             handles.append(int(dev))
     if not handles:
-        g.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
-        g.ggml_backend_dev_by_type.restype = ctypes.c_void_p
         handles.append(int(g.ggml_backend_dev_by_type(ggml.DEV_CPU)))
     return handles
 

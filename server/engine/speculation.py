@@ -242,14 +242,12 @@ def plan(
     tokens, outputs = base_tokens, float(base_outputs)
     for i, (drafter, draft, matched) in enumerate(candidates):
         limit = min(len(draft), MAX_DRAFT, room)
-        if limit <= 0:
+        if limit <= 0 or (not drafter.forced and matched < AUTO_MIN_MATCH):
             continue
         scale = drafter.scale(acceptance.rate(matched))
         gains = acceptance.expected(matched, limit, scale)
         if drafter.forced:
             k = min(limit, matched)  # as long as the match behind it: a guess that grows
-        elif matched < AUTO_MIN_MATCH:
-            continue
         else:
             now = costs.estimate(tokens)
             if now is None:

@@ -161,3 +161,17 @@ def test_a_worker_killed_mid_stream_ends_the_stream_with_an_error(
     # Back: the next request loads it again.
     workers[1] = Worker(tmp_path / "worker1.log", workers[1].port)
     assert _text(_ask(server.url, "smollm2-split", "hi", 4))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--threads", "-5"], "--threads -5"),
+        (["--port", "0"], "--port 0 is not a port"),
+        (["--port", "1", "--device", "NOPE"], "no device 'NOPE'"),
+    ],
+)
+def test_bad_worker_flags_are_refused(args: list[str], message: str) -> None:
+    cmd = [sys.executable, "-m", "server", "rpc-worker", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
