@@ -61,6 +61,13 @@ class Settings(BaseSettings):
         None,
         description="If set, requests need 'Authorization: Bearer <key>' (/health stays open).",
     )
+    metrics_key: str | None = Field(
+        None,
+        min_length=8,
+        description="A key that reads /metrics and /v1/loads only (for a router or a"
+        " Prometheus scraper, which then never holds a user's key); any API key reads them"
+        " too. With no key of either kind they are open.",
+    )
     keys: list[ApiKey] = Field(
         [],
         description="Named API keys with optional quotas, as a JSON/YAML list of"

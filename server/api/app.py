@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from server import __version__
 from server.api import errors
@@ -22,12 +22,13 @@ from server.api.dialects import kobold, llamacpp, ollama, textgen
 from server.api.dialects.anthropic import routes as anthropic
 from server.api.guard import Guard
 from server.api.keys import KeyRing
-from server.api.metrics import CONTENT_TYPE, CountRequests, Metrics
+from server.api.metrics import CountRequests, Metrics
 from server.api.routes import (
     chat,
     completions,
     embeddings,
     health,
+    metrics,
     models,
     openrouter,
     status,
@@ -87,11 +88,11 @@ def create_app(
             embedding_model=settings.embedding_model,
         )
         generations = GenerationLog()
-        metrics = Metrics(lambda: pool)
-        generations.listeners.append(metrics.generation)
+        meter = Metrics(lambda: pool)
+        generations.listeners.append(meter.generation)
         app.state.models = model_service
         app.state.generations = generations
-        app.state.metrics = metrics
+        app.state.metrics = meter
         jobs = JobFactory(model_service, generations)
         app.state.completions = CompletionService(jobs)
         app.state.chat = ChatService(jobs, app.state.completions)
@@ -102,7 +103,7 @@ def create_app(
             model_service, downloads, generations, key_required=lambda: not app.state.keys.open
         )
         app.state.status = board
-        reaper = asyncio.ensure_future(_reap(pool))
+        reaper = asyncio.ensure_future(_reap(pool, model_service))
         ticker = asyncio.ensure_future(_tick(board))
         startup = None
         if settings.model:
@@ -116,6 +117,7 @@ def create_app(
         finally:
             reaper.cancel()
             ticker.cancel()
+            model_service.close()
             downloads.close()
             if startup is not None:
                 startup.cancel()
@@ -164,6 +166,7 @@ def create_app(
     app.include_router(api, prefix="/v1")
     app.include_router(api, prefix="/api/v1")
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(status.router)
     app.include_router(status.data)
     # Foreign APIs at their own paths (llama-server's are at the root).
@@ -210,23 +213,21 @@ async def _tick(board: StatusBoard, every: float = 1.0) -> None:
             log.exception("the status page's tick failed")
 
 
-async def _reap(pool: ModelPool, every: float = 1.0) -> None:
-    """Unload models whose keep_alive ran out (a request's, e.g. Ollama's `keep_alive`)."""
+async def _reap(pool: ModelPool, models: ModelService, every: float = 1.0) -> None:
+    """Unload models whose keep_alive ran out (a request's, e.g. Ollama's `keep_alive`),
+    forget dead engines, and load the default model again when its engine died."""
     while True:
         await asyncio.sleep(every)
         try:
             await pool.reap()
+            models.revive()
         except Exception:
             log.exception("unloading an expired model failed")
 
 
 def _service_routes(app: FastAPI) -> APIRouter:
-    """/metrics and the API docs, behind the key like the API itself."""
+    """The API docs, behind the key like the API itself."""
     router = APIRouter(dependencies=[Depends(require_key)], include_in_schema=False)
-
-    @router.get("/metrics")
-    async def metrics() -> Response:
-        return Response(app.state.metrics.render(), media_type=CONTENT_TYPE)
 
     @router.get("/openapi.json")
     async def openapi() -> JSONResponse:

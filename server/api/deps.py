@@ -97,4 +97,11 @@ async def require_key(request: Request) -> KeyState:
     return state
 
 
+async def require_metrics_key(request: Request) -> None:
+    """/metrics and /v1/loads: readable with the metrics key (`--metrics-key`), so a
+    router or scraper needs no user's key; any API key reads them too."""
+    keys: KeyRing = request.app.state.keys
+    keys.authenticate_metrics(bearer_token(request))
+
+
 KeyDep = Annotated[KeyState, Depends(require_key)]

@@ -3,7 +3,8 @@
 Keys come from the `api_key` setting (one, unnamed, no quota) and the `keys` setting
 (named, each with an optional requests-per-minute rate and tokens-per-day quota). With
 neither set, the API is open. Tokens are counted when a generation ends, however it
-ends; a request is refused (429, `Retry-After`) once the key's quota is used up.
+ends; a request is refused (429, `Retry-After`) once the key's quota is used up. The
+`metrics_key` setting reads /metrics and /v1/loads only: what a router or scraper holds.
 """
 
 from __future__ import annotations
@@ -101,6 +102,20 @@ class KeyRing:
             self._keys.append((spec.key.encode(), KeyState(spec, spec.name)))
         self.open = not self._keys
         self._anonymous = KeyState(None, "hostler (no key required)")
+        self._metrics = settings.metrics_key.encode() if settings.metrics_key else None
+
+    def authenticate_metrics(self, token: str | None) -> None:
+        """/metrics and /v1/loads: the metrics key or any API key; open with neither."""
+        if self._metrics is None:
+            self.authenticate(token)
+            return
+        if token is not None and hmac.compare_digest(token.encode(), self._metrics):
+            return
+        if self.open:
+            raise AuthenticationError(
+                "missing or invalid metrics key: send 'Authorization: Bearer <metrics key>'"
+            )
+        self.authenticate(token)
 
     def authenticate(self, token: str | None) -> KeyState:
         if self.open:

@@ -171,6 +171,7 @@ class LlamaEngine:
             "slots": len(self._slots),
             "slots_busy": sum(1 for s in self._slots if s.seq is not None),
             "queued": queued,
+            "n_ctx": self.model.n_ctx,
             **self.stats,
             "speculative": self.speculative,
             "draft_acceptance": (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import logging
 import os
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
     from server.engine.llama import ContextOptions
 
 log = logging.getLogger("hostler.models")
+
+REVIVE_EVERY = 5.0
+"""Seconds between tries to load the default model again after its engine died."""
 
 SUPPORTED_PARAMETERS = [
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "top_a", "typical_p",
@@ -226,6 +230,64 @@ class ModelService:
         """The model loaded at start-up, while it loads: requests get 503 until then."""
         self.starting_phase = "loading"
         """Or "downloading", while the start-up model is fetched first."""
+        self.revive_error: str | None = None
+        """Why the default model could not be loaded again after its engine died."""
+        self._revived: float = 0.0
+        self._revive_tried: float = 0.0
+        self._revive_task: asyncio.Future[None] | None = None
+
+    @property
+    def reviving(self) -> bool:
+        """The default model's engine died and it is not loaded again yet."""
+        model_id = self.default_id()
+        if model_id is None:
+            return False
+        death = self.pool.deaths.get(model_id)
+        return (
+            death is not None
+            and death[0] > self._revived
+            and model_id not in self.pool.failed
+            and not self.pool.is_loaded(model_id)
+        )
+
+    def revive(self) -> None:
+        """Load the default model again once its engine died (called by the reaper), not
+        on the next request: a router that probes /health sends no request to a replica
+        that answers 503, so it would never come back. Tried every REVIVE_EVERY seconds
+        while it fails (an RPC worker that is still down); a model marked failed (a crash
+        loop) waits for an explicit load."""
+        model_id = self.default_id()
+        if model_id is None or self.starting is not None:
+            return
+        death = self.pool.deaths.get(model_id)
+        if death is not None and self.pool.is_loaded(model_id):
+            self._revived, self.revive_error = death[0], None
+        if not self.reviving or (self._revive_task and not self._revive_task.done()):
+            return
+        now = time.monotonic()
+        if now - self._revive_tried < REVIVE_EVERY:
+            return
+        self._revive_tried = now
+        self._revive_task = asyncio.ensure_future(self._reload(model_id))
+
+    async def _reload(self, model_id: str) -> None:
+        try:
+            await self.pool.get(model_id)
+        except Exception as exc:
+            self.revive_error = f"model '{model_id}' could not be loaded again: {exc}"
+            log.warning("%s (tried again in %.0f s)", self.revive_error, REVIVE_EVERY)
+        else:
+            self.revive_error = None
+            log.info("model %s loaded again after its engine died", model_id)
+
+    def default_id(self) -> str | None:
+        if not self.default_model or self.default_model not in self.registry:
+            return None
+        return self.registry.get(self.default_model).id
+
+    def close(self) -> None:
+        if self._revive_task is not None:
+            self._revive_task.cancel()
 
     def resolve(self, name: str | None) -> ModelSpec:
         if name and name not in self.registry and self.is_fallback(name):

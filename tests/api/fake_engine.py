@@ -23,6 +23,7 @@ class FakeHandle:
         req = self.request
         streams = [TextStream(req.stop) for _ in range(req.n)]
         reply = self.engine.reply
+        cached = self.engine.lookup(req.prompt_tokens)
         try:
             if req.announce:  # admitted: prompt and cached counts first, as the real engine
                 yield [
@@ -35,7 +36,10 @@ class FakeHandle:
                     if s.stopped:
                         continue
                     base = dict(
-                        index=i, prompt_tokens=len(req.prompt_tokens), completion_tokens=step + 1
+                        index=i,
+                        prompt_tokens=len(req.prompt_tokens),
+                        cached_tokens=cached,
+                        completion_tokens=step + 1,
                     )
                     if self.engine.fail_at is not None and step == self.engine.fail_at:
                         outs.append(SeqOutput(finish_reason="error", error="boom", **base))
@@ -90,6 +94,17 @@ class FakeEngine:
         self.max_queue = max_queue
         self.active = 0
         self.closed = False
+        self.last_prompt: list[int] = []
+
+    def lookup(self, prompt: list[int]) -> int:
+        """A one-entry prompt cache: the tokens shared with the previous prompt."""
+        shared = 0
+        for a, b in zip(prompt, self.last_prompt, strict=False):
+            if a != b:
+                break
+            shared += 1
+        self.last_prompt = list(prompt)
+        return shared
 
     def tokenize(self, text: str, *, add_special: bool) -> list[int]:
         if text in ("<|im_end|>", "<|im_start|>"):
@@ -113,7 +128,17 @@ class FakeEngine:
         return handle
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "slots": 4, "slots_busy": min(self.active, 4)}
+        busy = min(self.active, 4)
+        return {
+            "status": "ok",
+            "slots": 4,
+            "slots_busy": busy,
+            "queued": max(self.active - 4, 0),
+            "n_ctx": self.info.n_ctx,
+            "slot_list": [
+                {"id": i, "busy": i < busy, "tokens": 32 if i < busy else 0} for i in range(4)
+            ],
+        }
 
     @property
     def busy(self) -> bool:

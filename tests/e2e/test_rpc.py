@@ -158,8 +158,19 @@ def test_a_worker_killed_mid_stream_ends_the_stream_with_an_error(
     assert _text(_ask(server.url, "smollm2-135m", "hi", 4))
     r = _ask(server.url, "smollm2-split", "hi", 4)
     assert r.status_code == 503 and workers[1].endpoint in r.json()["error"]["message"]
-    # Back: the next request loads it again.
+    # /health says so (a router takes the replica out) ...
+    deadline = time.monotonic() + 30
+    while "error" not in (health := httpx.get(server.url + "/health")).json():
+        assert health.status_code == 503 and time.monotonic() < deadline, health.text
+        time.sleep(0.2)  # "loading model" until the reaper's first try to load it again
+    assert health.status_code == 503 and workers[1].endpoint in health.json()["error"]
+    # ... and once the worker is back the default model loads again with no request.
     workers[1] = Worker(tmp_path / "worker1.log", workers[1].port)
+    deadline = time.monotonic() + 90
+    while httpx.get(server.url + "/health").status_code != 200:
+        assert time.monotonic() < deadline, httpx.get(server.url + "/health").text
+        time.sleep(0.5)
+    assert _model(server.url, "smollm2-split")["status"] == "ok"
     assert _text(_ask(server.url, "smollm2-split", "hi", 4))
 
 

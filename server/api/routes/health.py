@@ -1,4 +1,11 @@
-"""GET /health: open even when an API key is set."""
+"""GET /health: open even when an API key is set; what load balancers and routers probe.
+
+200 when a request can be served now: every loaded engine runs, and the default model is
+neither loading, nor being loaded again after its engine died, nor failed. 503 otherwise,
+with the reason in `status` (llama-server's "loading model" while the start-up model
+loads). With nothing loaded and no default model failed it is 200: models load on the
+first request that names them.
+"""
 
 from __future__ import annotations
 
@@ -16,12 +23,21 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(models: ModelsDep) -> JSONResponse:
-    engines = {name: e.health() for name, e in models.pool.loaded.items()}
-    # 503 while no model can serve: none loaded, or one whose engine stopped.
-    ok = bool(engines) and all(h.get("status") == "ok" for h in engines.values())
-    status = "ok" if ok else ("error" if engines else "no model loaded")
+    pool = models.pool
+    engines = {name: e.health() for name, e in pool.loaded.items()}
+    default = models.default_id()
     if models.starting is not None:
         status = f"{models.starting_phase} model"  # "loading model": llama-server's words
+    elif any(h.get("status") != "ok" for h in engines.values()):
+        status = "error"
+    elif default is not None and default in pool.failed:
+        status = "error"
+    elif models.revive_error is not None:
+        status = "error"
+    elif models.reviving:
+        status = "loading model"
+    else:
+        status = "ok"
     body: dict[str, Any] = {
         "status": status,
         "models": engines,
@@ -30,13 +46,15 @@ async def health(models: ModelsDep) -> JSONResponse:
     now = time.monotonic()
     deaths = {
         model: {"error": why, "seconds_ago": round(now - when, 1)}
-        for model, (when, why) in models.pool.deaths.items()
+        for model, (when, why) in pool.deaths.items()
     }
     if deaths:
-        body["engine_deaths"] = deaths  # reloaded on the next request, unless failed
-    if models.pool.failed:
-        body["failed"] = dict(models.pool.failed)
-    return JSONResponse(body, status_code=200 if ok else 503)
+        body["engine_deaths"] = deaths
+    if models.revive_error is not None:
+        body["error"] = models.revive_error
+    if pool.failed:
+        body["failed"] = dict(pool.failed)
+    return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
 
 @router.head("/api/hello", include_in_schema=False)
