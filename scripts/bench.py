@@ -41,6 +41,12 @@ round (needs only --hostler):
 
     scripts/bench.py --hostler --rounds 6 --tokens 128 --scenarios rpc-split
 
+Two Hostler replicas (half the threads each) behind SMG, `--policy cache_aware` against
+`--policy round_robin` (one router each over the same replicas, taken in turn): chats
+returning in a shuffled order, their prompt-cache hit rate and TTFT (no --hostler needed):
+
+    scripts/bench.py --scenarios replicas --slots 2 --chats 6 --rotations 3 --rounds 4
+
 Long-chat scenarios (prompt caches), against llama-server with and without
 `--cache-reuse 256`, on 2 slots:
 
@@ -57,6 +63,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import random
 import shlex
 import signal
 import socket
@@ -87,6 +94,9 @@ class Result:
     ttft: float
     tokens: int
     total: float
+    prompt: int = 0
+    cached: int = 0
+    """Prompt tokens, and how many came from the prompt cache (by the server's usage)."""
 
     @property
     def decode_tps(self) -> float:
@@ -129,7 +139,7 @@ async def timed_stream(
     for attempt in range(2):
         start = time.perf_counter()
         ttft = 0.0
-        tokens = chunks = 0
+        tokens = chunks = prompt = cached = 0
         try:
             async with client.stream("POST", t.url + route, json=body) as r:
                 r.raise_for_status()
@@ -142,8 +152,11 @@ async def timed_stream(
                             chunks += 1
                             if not ttft:
                                 ttft = time.perf_counter() - start
-                    if chunk.get("usage"):
-                        tokens = chunk["usage"]["completion_tokens"]
+                    if usage := chunk.get("usage"):
+                        tokens = usage["completion_tokens"]
+                        prompt = usage.get("prompt_tokens") or 0
+                        details = usage.get("prompt_tokens_details") or {}
+                        cached = details.get("cached_tokens") or 0
             break
         except httpx.RemoteProtocolError as exc:
             # A kept-alive connection the server had already closed: retry once, fresh.
@@ -157,7 +170,7 @@ async def timed_stream(
             break
     # Count tokens by the server's usage when it reports it: a server may put several
     # tokens in one chunk when the client falls behind.
-    return Result(ttft, tokens or chunks, time.perf_counter() - start)
+    return Result(ttft, tokens or chunks, time.perf_counter() - start, prompt, cached)
 
 
 Sample = dict[str, float]
@@ -482,6 +495,65 @@ async def sample_rotating(
     return {f"rotating {args.chats} chats: returning TTFT ms": 1000 * statistics.mean(ttfts)}
 
 
+async def sample_replicas(
+    client: httpx.AsyncClient, t: Target, args: argparse.Namespace, round_no: int
+) -> Sample:
+    """Chats taking turns in a shuffled order (users come back when they like) through a
+    router over two replicas: the prompt-cache hit rate and TTFT of returning turns."""
+    rng = random.Random(round_no)
+    chats = [
+        [{"role": "system", "content": f"Scene {t.name} {round_no}-{c}. {CARD}{CARD}"}]
+        for c in range(args.chats)
+    ]
+    ttfts, prompt, cached = [], 0, 0
+    for k in range(args.rotations):
+        order = list(range(args.chats))
+        rng.shuffle(order)
+        for c in order:
+            chat = chats[c]
+            chat.append(_user(c, k))
+            r = await one(client, t, chat, 16, args.ban_map)
+            if k > 0:
+                ttfts.append(r.ttft)
+                prompt, cached = prompt + r.prompt, cached + r.cached
+            chat.append(_assistant(c, k))
+    return {
+        "returning turns: TTFT ms": 1000 * statistics.mean(ttfts),
+        "returning turns: prompt-cache hit rate": cached / prompt if prompt else 0.0,
+    }
+
+
+def start_replicas(
+    args: argparse.Namespace, registry: Path, log_dir: Path
+) -> tuple[list[Target], list[Target]]:
+    """Two Hostler replicas (half the threads each) and one SMG router over them per
+    policy (cache_aware, round_robin): (routers, replicas), all on loopback."""
+    replicas = []
+    for i in range(2):
+        port = free_port()
+
+        def replica(cache_dir: Path, port: int = port) -> list[str]:
+            cmd = [sys.executable, "-m", "server", "serve", "--model", "bench"]
+            cmd += ["--models-file", str(registry), "--port", str(port)]
+            cmd += ["--slots", str(args.slots), "--threads", str(max(1, args.threads // 2))]
+            return [*cmd, "--log-level", "warning", "--cache-dir", str(cache_dir)]
+
+        replicas.append(start(f"replica{i}", replica, port, "bench", log_dir))
+    smg = Path(sys.executable).with_name("smg")
+    urls = [t.url.removesuffix("/v1") for t in replicas]
+    routers = []
+    for policy in ("cache_aware", "round_robin"):
+        port = free_port()
+
+        def router(_: Path, port: int = port, policy: str = policy) -> list[str]:
+            cmd = [str(smg), "launch", "--worker-urls", *urls, "--policy", policy]
+            cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warn"]
+            return [*cmd, "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
+
+        routers.append(start(f"smg-{policy}", router, port, "bench", log_dir))
+    return routers, replicas
+
+
 def run_restart(targets: list[Target], args: argparse.Namespace) -> dict[str, list[float]]:
     """First returning turn after a restart, against the same turn on a cold server.
 
@@ -566,6 +638,8 @@ def run_rounds(targets: list[Target], args: argparse.Namespace) -> dict[str, lis
                             got = await sample_status_page(client, t, args, i, watchers)
                         elif kind == "rpc-split":
                             got = await sample_split(client, t, args, i)
+                        elif kind == "replicas":
+                            got = await sample_replicas(client, t, args, i)
                         else:
                             got = await sample_turns(client, t, args, i)
                         print(f"{t.name} {got}", file=sys.stderr)
@@ -703,7 +777,7 @@ def main() -> int:
         type=lambda s: s.split(","),
         default=["single", "aggregate", "turns"],
         help="comma list of: single, aggregate, turns, trimmed, rotating, restart,"
-        " claude-code, embeddings, status-page, edit, prose, rpc-split",
+        " claude-code, embeddings, status-page, edit, prose, rpc-split, replicas",
     )
     p.add_argument("--embed-inputs", type=int, default=64, help="embeddings: inputs a request")
     p.add_argument("--embed-ctx", type=int, default=2048, help="embeddings: model context")
@@ -825,6 +899,10 @@ def main() -> int:
                 return [*cmd, "--interrupt_requests", "false"]
 
             targets.append(start("llama-cpp-python", llama_cpp_python, port, "smollm2", log_dir))
+        if "replicas" in args.scenarios:
+            routers, replicas = start_replicas(args, registry, log_dir)
+            targets += routers
+            sidecars += replicas
         ratios = run_rounds(targets, args)
         if "restart" in args.scenarios:
             ratios.update(run_restart(targets, args))
@@ -842,7 +920,7 @@ def main() -> int:
     print("|---" * len(header) + "|")
     for m in metrics:
         vals = [t.results.get(m, float("nan")) for t in targets]
-        digits = 3 if m.startswith(("ratio", "draft acceptance")) else 1
+        digits = 3 if m.startswith(("ratio", "draft acceptance")) or "rate" in m else 1
         cells = [m, *(f"{v:.{digits}f}" for v in vals)]
         for peer in peers:
             pairs = ratios.get(f"{m}|{peer.name}")
