@@ -90,13 +90,19 @@ class _EngineCollector(Collector):
             "hostler_kv_cache_capacity_tokens", "KV cache cells per model", labels=["model"]
         )
         v_running = GaugeMetricFamily(
-            "vllm:num_requests_running", "Requests running (hostler_slots_busy)", labels=["model_name"]
+            "vllm:num_requests_running",
+            "Requests running (hostler_slots_busy)",
+            labels=["model_name"],
         )
         v_waiting = GaugeMetricFamily(
-            "vllm:num_requests_waiting", "Requests waiting (hostler_queue_depth)", labels=["model_name"]
+            "vllm:num_requests_waiting",
+            "Requests waiting (hostler_queue_depth)",
+            labels=["model_name"],
         )
         v_kv = [
-            GaugeMetricFamily(name, "KV cache usage, 0 to 1 (hostler_kv_cache_usage_ratio)", labels=["model_name"])
+            GaugeMetricFamily(
+                name, "KV cache usage, 0 to 1 (hostler_kv_cache_usage_ratio)", labels=["model_name"]
+            )
             for name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
         ]
         counters: dict[str, CounterMetricFamily] = {}
@@ -113,8 +119,8 @@ class _EngineCollector(Collector):
                 kv_cap.add_metric([name], load.kv_capacity)
                 v_running.add_metric([name], load.running)
                 v_waiting.add_metric([name], load.waiting)
-                for fam in v_kv:
-                    fam.add_metric([name], load.kv_usage)
+                for gauge in v_kv:
+                    gauge.add_metric([name], load.kv_usage)
             for key, value in _flat(h.get("cache") or {}, "cache_").items():
                 fam = counters.setdefault(
                     key,
@@ -150,10 +156,14 @@ class _EngineCollector(Collector):
         a router's prefix affinity shows as hits/queries (vLLM's prefix_cache_* too)."""
         for prefix, label in (("hostler_", "model"), ("vllm:", "model_name")):
             queries = CounterMetricFamily(
-                f"{prefix}prefix_cache_queries", "Prompt tokens looked up in the prompt cache", labels=[label]
+                f"{prefix}prefix_cache_queries",
+                "Prompt tokens looked up in the prompt cache",
+                labels=[label],
             )
             hits = CounterMetricFamily(
-                f"{prefix}prefix_cache_hits", "Prompt tokens found in the prompt cache", labels=[label]
+                f"{prefix}prefix_cache_hits",
+                "Prompt tokens found in the prompt cache",
+                labels=[label],
             )
             for model, seen in sorted(self._prefix.items()):
                 queries.add_metric([model], seen.queries)

@@ -7,17 +7,12 @@ size and shape and the devices' free memory.
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
-from pathlib import Path
-
-import llama_cpp
 
 from server.engine.gguf import Shape
 
 # Left free on the GPUs for llama.cpp's compute buffers and the driver.
 RESERVE_BYTES = 1 << 30
-_GPU_TYPES = (1, 2)  # ggml_backend_dev_type: GPU, integrated GPU
 
 
 @dataclass(frozen=True)
@@ -28,34 +23,17 @@ class Device:
 
 
 def gpus() -> list[Device]:
-    """The GPUs ggml can use, with their free and total memory (none on a CPU build)."""
+    """This machine's GPUs as ggml sees them, with their free and total memory (none on a
+    CPU build; RPC workers' devices are not this machine's)."""
+    from server.engine import ggml
     from server.engine.llama import _ensure_backend
 
     _ensure_backend()
-    lib = Path(llama_cpp.__file__).parent / "lib"
-    try:
-        ggml = ctypes.CDLL(str(lib / "libggml.so"))
-    except OSError:
-        return []
-    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
-    ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
-    ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-    ggml.ggml_backend_dev_type.restype = ctypes.c_int
-    ggml.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
-    ggml.ggml_backend_dev_name.restype = ctypes.c_char_p
-    ggml.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
-    size_p = ctypes.POINTER(ctypes.c_size_t)
-    ggml.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, size_p, size_p]
-    out: list[Device] = []
-    for i in range(int(ggml.ggml_backend_dev_count())):
-        dev = ggml.ggml_backend_dev_get(i)
-        if ggml.ggml_backend_dev_type(dev) not in _GPU_TYPES:
-            continue
-        free, total = ctypes.c_size_t(), ctypes.c_size_t()
-        ggml.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-        name = (ggml.ggml_backend_dev_name(dev) or b"?").decode(errors="replace")
-        out.append(Device(name, int(free.value), int(total.value)))
-    return out
+    return [
+        Device(d.name, d.free, d.total)
+        for d in ggml.devices()
+        if d.kind in (ggml.DEV_GPU, ggml.DEV_IGPU) and not d.remote
+    ]
 
 
 def fit_layers(shape: Shape, n_ctx: int, kv_type: str, free: int) -> int:

@@ -17,7 +17,8 @@ import llama_cpp.llama_cpp as lc
 import numpy as np
 import numpy.typing as npt
 
-from server.engine.gguf import Shape
+from server.engine.gguf import Shape, read_shape
+from server.engine.layout import DeviceShare, LoadLog, rpc_buffers
 from server.engine.types import ModelInfo
 from server.errors import ModelLoadError
 
@@ -27,11 +28,18 @@ _backend_lock = threading.Lock()
 _backend_ready = False
 
 
+_LOAD_LOG = LoadLog()
+"""What llama.cpp says of where it puts the model that loads (one at a time)."""
+_load_lock = threading.Lock()
+
+
 @lc.llama_log_callback  # type: ignore[untyped-decorator]
 def _log_callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
     # llama.cpp is chatty at load time; route it into logging at debug level.
     if text:
-        log.debug(text.decode("utf-8", errors="replace").rstrip("\n"))
+        line = text.decode("utf-8", errors="replace").rstrip("\n")
+        _LOAD_LOG.feed(line)
+        log.debug(line)
 
 
 def _ensure_backend() -> None:
@@ -77,6 +85,9 @@ class ContextOptions:
     """Fractions of the model per GPU (layer split); empty: llama.cpp's default."""
     rpc: tuple[str, ...] = ()
     """RPC workers whose devices hold layers (registered before the model loads)."""
+    fit_devices: bool = False
+    """gpu_layers 'auto' with RPC workers: as many layers as fit every device's free
+    memory, the workers' included (known only once they are registered, here)."""
     embeddings: bool = False
     """An embedding context: every token is output and pooled per sequence."""
     pooling: str | None = None
@@ -185,8 +196,9 @@ class LlamaModel:
             self.rpc_devices = add_workers(list(options.rpc))
             for d in self.rpc_devices:
                 log.info("RPC device %s at %s: %d MiB free", d.name, d.description, d.free >> 20)
+        self.n_gpu_layers = self._device_layers(path)
         mparams = lc.llama_model_default_params()
-        mparams.n_gpu_layers = options.n_gpu_layers
+        mparams.n_gpu_layers = self.n_gpu_layers
         mparams.main_gpu = options.main_gpu
         if options.tensor_split:
             split = (ctypes.c_float * max(len(options.tensor_split), lc.llama_max_devices()))(
@@ -195,10 +207,62 @@ class LlamaModel:
             self._split = split  # llama.cpp reads it while loading
             mparams.tensor_split = split
             mparams.split_mode = lc.LLAMA_SPLIT_MODE_LAYER
-        model = lc.llama_model_load_from_file(str(path).encode(), mparams)
+        ctx = None
+        with _load_lock:  # the load log is this model's alone while it loads
+            _LOAD_LOG.reset()
+            model = lc.llama_model_load_from_file(str(path).encode(), mparams)
+            if model:
+                ctx = self._new_context(model, options)
+            names = rpc_buffers([(d.name, d.description) for d in self.rpc_devices])
+            self.devices: tuple[DeviceShare, ...] = _LOAD_LOG.devices(names)
         if not model:
             raise ModelLoadError(f"llama.cpp could not load the model file {path.name}")
         self.model = model
+        if not ctx:
+            lc.llama_model_free(model)
+            self.model = None
+            raise ModelLoadError("llama.cpp could not create a context (out of memory?)")
+        self.ctx = ctx
+        self.vocab = lc.llama_model_get_vocab(model)
+        self.memory = lc.llama_get_memory(ctx)
+        self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
+        self.n_ctx = int(lc.llama_n_ctx(ctx))
+        self._pieces: dict[int, bytes] = {}
+        self._special_pieces: dict[int, bytes] = {}
+        self._eog = np.zeros(self.n_vocab, dtype=bool)
+        longest = 1
+        for tok in range(self.n_vocab):
+            self._eog[tok] = bool(lc.llama_vocab_is_eog(self.vocab, tok))
+            longest = max(longest, len(self._to_piece(tok, special=True)))
+        self.max_token_bytes = longest
+        self.eog_ids = np.flatnonzero(self._eog)
+        self.info = self._read_info()
+
+    def _device_layers(self, path: Path) -> int:
+        """llama.cpp's n_gpu_layers; with RPC workers and `fit_devices`, as many as fit the
+        free memory of the workers' devices and this machine's GPUs together.
+
+        llama.cpp offloads the last n layers, the output layer first, onto the devices in
+        their order (workers first): the output layer, and with it the logits, is on the
+        last device, a worker when this machine has no GPU."""
+        options = self.options
+        if not (options.rpc and options.fit_devices):
+            return options.n_gpu_layers
+        from server.engine.gpu import fit_layers, gpus
+
+        local = gpus()
+        shape = read_shape(path)
+        free = sum(d.free for d in self.rpc_devices) + sum(d.free for d in local)
+        layers = fit_layers(shape, options.n_ctx, options.kv_type, free)
+        log.info(
+            "gpu_layers auto -> %s of %d (%d MiB free on %d devices)",
+            "all" if layers < 0 else layers, shape.n_layer + 1, free >> 20,
+            len(self.rpc_devices) + len(local),
+        )  # fmt: skip
+        return layers
+
+    @staticmethod
+    def _new_context(model: Any, options: ContextOptions) -> Any:
         cparams = lc.llama_context_default_params()
         cparams.n_ctx = options.n_ctx
         cparams.n_batch = options.n_batch
@@ -218,25 +282,7 @@ class LlamaModel:
         kv_type = KV_TYPES[options.kv_type]
         cparams.type_k = kv_type
         cparams.type_v = kv_type
-        ctx = lc.llama_init_from_model(model, cparams)
-        if not ctx:
-            lc.llama_model_free(model)
-            raise ModelLoadError("llama.cpp could not create a context (out of memory?)")
-        self.ctx = ctx
-        self.vocab = lc.llama_model_get_vocab(model)
-        self.memory = lc.llama_get_memory(ctx)
-        self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
-        self.n_ctx = int(lc.llama_n_ctx(ctx))
-        self._pieces: dict[int, bytes] = {}
-        self._special_pieces: dict[int, bytes] = {}
-        self._eog = np.zeros(self.n_vocab, dtype=bool)
-        longest = 1
-        for tok in range(self.n_vocab):
-            self._eog[tok] = bool(lc.llama_vocab_is_eog(self.vocab, tok))
-            longest = max(longest, len(self._to_piece(tok, special=True)))
-        self.max_token_bytes = longest
-        self.eog_ids = np.flatnonzero(self._eog)
-        self.info = self._read_info()
+        return lc.llama_init_from_model(model, cparams)
 
     @property
     def pooling(self) -> str:
@@ -289,10 +335,8 @@ class LlamaModel:
             n_ctx_train=int(lc.llama_model_n_ctx_train(self.model)),
             file_bytes=0,
         )
-        offload = self.options.n_gpu_layers != 0 and (
-            bool(self.rpc_devices) or gpu_offload_supported()
-        )
-        wanted = self.options.n_gpu_layers
+        offload = self.n_gpu_layers != 0 and (bool(self.rpc_devices) or gpu_offload_supported())
+        wanted = self.n_gpu_layers
         gpu_layers = 0
         if offload:
             gpu_layers = shape.n_layer + 1 if wanted < 0 else min(wanted, shape.n_layer + 1)
@@ -310,6 +354,7 @@ class LlamaModel:
             n_params=int(lc.llama_model_n_params(self.model)),
             gpu_offload=offload,
             rpc_devices=tuple(f"{d.name} {d.description}" for d in self.rpc_devices),
+            devices=self.devices,
             slots=self.options.slots,
             bos_id=bos,
             max_token_bytes=self.max_token_bytes,

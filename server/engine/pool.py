@@ -321,6 +321,8 @@ def describe(engine: Engine, estimate: int) -> str:
         parts.append(f"{info.gpu_layers}/{info.n_layer} layers on {where}")
     if info.rpc_devices:
         parts.append("RPC workers " + ", ".join(info.rpc_devices))
+    if len(info.devices) > 1 or info.rpc_devices:
+        parts.append("devices: " + "; ".join(d.describe() for d in info.devices))
     if info.kv_bytes:
         parts.append(f"KV cache {_gib(info.kv_bytes)} ({info.kv_type})")
     parts.append(f"weights {_gib(info.size_bytes)}")
@@ -358,4 +360,14 @@ def _facts(info: ModelInfo) -> dict[str, Any]:
         "layers": layers,
         "vram_bytes": int((info.size_bytes + info.kv_bytes) * share),
         "rpc_devices": list(info.rpc_devices),
+        "devices": [
+            {
+                "device": d.device,
+                "worker": d.worker,
+                "layers": d.layers,
+                "bytes": d.bytes,
+                "output": d.output,
+            }
+            for d in info.devices
+        ],
     }

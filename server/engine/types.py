@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from server.engine.layout import DeviceShare
+
 if TYPE_CHECKING:
     from server.engine.bans import BanList
     from server.engine.thinking import ThinkingBudget
@@ -154,6 +156,8 @@ class ModelInfo:
     rpc_devices: tuple[str, ...] = ()
     """RPC workers' devices holding layers, as "RPC0 host:port" (first in llama.cpp's
     device order)."""
+    devices: tuple[DeviceShare, ...] = ()
+    """Where llama.cpp put the model: layers and MiB (weights and KV cache) per device."""
 
 
 class GenerationHandle(Protocol):

@@ -177,7 +177,8 @@ class ModelSpec(_Strict):
         max_length=16,
         description="RPC workers (`hostler rpc-worker`) that hold layers of this model, as"
         " host:port; their devices come before the local GPUs, and tensor_split covers"
-        " them in that order. gpu_layers 0 or 'auto' means all layers here.",
+        " them in that order. gpu_layers 0 means every layer on a device; 'auto' as many as"
+        " fit the devices' free memory, the workers' included.",
     )
     batch_size: int | None = Field(
         None, ge=32, description="Tokens per llama_decode step (unset: the server's)."

@@ -101,7 +101,7 @@ def context_options(spec: ModelSpec, settings: Settings, path: Path) -> ContextO
         flash = True  # llama.cpp needs it for a quantized V cache
     layers = spec.n_gpu_layers if gpu else 0
     if spec.rpc and (spec.gpu_layers in (0, "auto")):
-        layers = -1  # a model split over workers puts every layer on a device
+        layers = -1  # a model split over workers puts its layers on the devices
     if gpu and spec.gpu_layers == "auto" and not spec.rpc:
         devices = gpus()
         if spec.tensor_split:
@@ -123,6 +123,8 @@ def context_options(spec: ModelSpec, settings: Settings, path: Path) -> ContextO
         main_gpu=spec.main_gpu,
         tensor_split=spec.tensor_split,
         rpc=spec.rpc,
+        # With workers the fit is made where their devices are known: in the engine.
+        fit_devices=bool(spec.rpc) and spec.gpu_layers == "auto",
     )
 
 

@@ -68,9 +68,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         for i in range(2):
             replicas.append(
                 Server(
-                    folder / f"replica{i}.log", "--threads", "1", "--slots", "2",
-                    "--cache-dir", str(folder / f"cache{i}"),
-                )  # fmt: skip
+                    folder / f"replica{i}.log",
+                    *("--threads", "1", "--slots", "2", "--cache-dir", str(folder / f"cache{i}")),
+                )
             )
         router, url = _router(folder / "smg.log", [r.url for r in replicas], "cache_aware")
         yield Fleet(replicas, router, url)

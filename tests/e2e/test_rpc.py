@@ -64,7 +64,7 @@ def split(tmp_path: Path) -> Iterator[tuple[Server, list[Worker], Path]]:
         "models:\n"
         f"  smollm2-135m:\n    {SMOLLM2}\n    template: gguf\n    context: 2048\n"
         f"  smollm2-split:\n    {SMOLLM2}\n    template: gguf\n    context: 2048\n"
-        f"    rpc: [{endpoints}]\n"
+        f"    rpc: [{endpoints}]\n    gpu_layers: auto\n"
         f"  smollm2-nowhere:\n    {SMOLLM2}\n    template: gguf\n    context: 2048\n"
         f'    rpc: ["127.0.0.1:{_port()}"]\n'
     )
@@ -111,6 +111,16 @@ def test_a_split_model_gives_the_local_text_and_batches(
     ps = httpx.get(server.url + "/v1/ps").json()
     entry = next(m for m in ps["models"] if m["model"] == "smollm2-split")
     assert [d.split()[1] for d in entry["rpc_devices"]] == [w.endpoint for w in workers]
+    # gpu_layers auto counted the workers' free memory (this machine has no GPU), and
+    # llama.cpp placed the layers by it, the output layer on the last device; the input
+    # embeddings stay on this machine.
+    devices = {d["device"]: d for d in entry["devices"]}
+    remote = [devices[f"RPC{i}"] for i in range(2)]
+    assert [d["worker"] for d in remote] == [w.endpoint for w in workers]
+    assert sum(d["layers"] for d in remote) == entry["layers"] == 31
+    assert all(d["layers"] > 0 and d["bytes"] > 0 for d in remote) and remote[1]["output"]
+    assert devices["CPU"]["layers"] == 0 and devices["CPU"]["bytes"] > 0
+    assert "RPC1 (" in server.log.read_text().split("model smollm2-split loaded")[1].split("\n")[0]
     # Two at once (one batch: llama.cpp's CPU kernels are not batch-invariant, so near
     # ties may go either way), then the same chat again (its prefix is reused).
     with concurrent.futures.ThreadPoolExecutor(2) as pool:

@@ -28,11 +28,11 @@ async def health(models: ModelsDep) -> JSONResponse:
     default = models.default_id()
     if models.starting is not None:
         status = f"{models.starting_phase} model"  # "loading model": llama-server's words
-    elif any(h.get("status") != "ok" for h in engines.values()):
-        status = "error"
-    elif default is not None and default in pool.failed:
-        status = "error"
-    elif models.revive_error is not None:
+    elif (
+        any(h.get("status") != "ok" for h in engines.values())
+        or (default is not None and default in pool.failed)
+        or models.revive_error is not None
+    ):
         status = "error"
     elif models.reviving:
         status = "loading model"
