@@ -1,6 +1,8 @@
 """Two replicas behind SMG (`smg`, the former SGLang Model Gateway) with its cache_aware
 policy: each chat returns to the replica that holds its prompt cache, and a killed
-replica is routed around."""
+replica is routed around. Keyed as the README's recipe is: the router and the replicas
+share the API key (SMG checks it and passes it on), and the replicas' metrics are read
+with the metrics key, as a Prometheus scraper would."""
 
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ pytestmark = pytest.mark.e2e
 
 SMG = Path(sys.executable).with_name("smg")
 MODEL = "smollm2-135m"
+KEY = "fleet-secret-1"
+SCRAPER = {"Authorization": "Bearer scrape-secret-1"}
 PERSONA = "Stay in character and answer briefly. The setting: " + "a quiet harbour town. " * 40
 
 
@@ -40,7 +44,7 @@ def _router(log: Path, urls: list[str], policy: str) -> tuple[subprocess.Popen[b
         "--host", "127.0.0.1", "--port", str(port),
         "--prometheus-host", "127.0.0.1", "--prometheus-port", str(_free_port()),
         "--health-check-interval-secs", "1", "--health-failure-threshold", "1",
-        "--log-level", "warn",
+        "--log-level", "warn", "--api-key", KEY,
     ]  # fmt: skip
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -48,7 +52,8 @@ def _router(log: Path, urls: list[str], policy: str) -> tuple[subprocess.Popen[b
     deadline = time.monotonic() + 60
     while True:
         try:
-            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+            headers = {"Authorization": f"Bearer {KEY}"}
+            if httpx.get(url + "/v1/models", headers=headers, timeout=2).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             pass
@@ -70,6 +75,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                 Server(
                     folder / f"replica{i}.log",
                     *("--threads", "1", "--slots", "2", "--cache-dir", str(folder / f"cache{i}")),
+                    *("--api-key", KEY, "--metrics-key", SCRAPER["Authorization"][7:]),
                 )
             )
         router, url = _router(folder / "smg.log", [r.url for r in replicas], "cache_aware")
@@ -84,7 +90,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 
 def _queries(replica: Server) -> float:
-    text = httpx.get(replica.url + "/metrics", timeout=10).text
+    text = httpx.get(replica.url + "/metrics", headers=SCRAPER, timeout=10).text
     m = re.search(rf'^hostler_prefix_cache_queries_total{{model="{MODEL}"}} (\S+)$', text, re.M)
     return float(m.group(1)) if m else 0.0
 
@@ -94,7 +100,8 @@ def _turn(fleet: Fleet, messages: list[dict[str, str]]) -> tuple[int, dict[str, 
     live = [r for r in fleet.replicas if r.proc.poll() is None]
     before = [_queries(r) for r in live]
     body = {"model": MODEL, "messages": messages, "max_tokens": 12, "temperature": 0}
-    r = httpx.post(fleet.url + "/v1/chat/completions", json=body, timeout=120)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(fleet.url + "/v1/chat/completions", json=body, headers=headers, timeout=120)
     assert r.status_code == 200, r.text
     served = [i for i, rep in enumerate(live) if _queries(rep) != before[i]]
     assert len(served) == 1, served
@@ -119,6 +126,16 @@ def test_each_chat_returns_to_the_replica_holding_its_cache(fleet: Fleet) -> Non
                 assert usage["prompt_tokens_details"]["cached_tokens"] > usage["prompt_tokens"] // 2
             chat.append({"role": "assistant", "content": reply["choices"][0]["message"]["content"]})
     assert len(set(home.values())) == 2  # the chats were spread over both replicas
+
+
+def test_the_router_and_the_replicas_want_the_key(fleet: Fleet) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert httpx.post(fleet.url + "/v1/chat/completions", json=body).status_code == 401
+    replica = fleet.replicas[0].url
+    assert httpx.post(replica + "/v1/chat/completions", json=body).status_code == 401
+    assert httpx.get(replica + "/metrics").status_code == 401
+    load = httpx.get(replica + "/v1/loads", headers=SCRAPER).json()["loads"][0]
+    assert load["max_total_num_tokens"] > 0 and load["max_running_requests"] == 2
 
 
 def test_a_killed_replica_is_routed_around(fleet: Fleet) -> None:
