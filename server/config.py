@@ -68,6 +68,12 @@ class Settings(BaseSettings):
         " Prometheus scraper, which then never holds a user's key); any API key reads them"
         " too. With no key of either kind they are open.",
     )
+    metrics_open: bool = Field(
+        False,
+        description="/metrics and /v1/loads need no key even when API keys are set (for a"
+        " scraper that cannot send one, such as llm-d's endpoint picker); they hold counts"
+        " and model names, never a prompt or a key.",
+    )
     keys: list[ApiKey] = Field(
         [],
         description="Named API keys with optional quotas, as a JSON/YAML list of"

@@ -4,7 +4,8 @@ Keys come from the `api_key` setting (one, unnamed, no quota) and the `keys` set
 (named, each with an optional requests-per-minute rate and tokens-per-day quota). With
 neither set, the API is open. Tokens are counted when a generation ends, however it
 ends; a request is refused (429, `Retry-After`) once the key's quota is used up. The
-`metrics_key` setting reads /metrics and /v1/loads only: what a router or scraper holds.
+`metrics_key` setting reads /metrics and /v1/loads only: what a router or scraper holds
+(`metrics_open` opens them to anyone).
 """
 
 from __future__ import annotations
@@ -103,9 +104,13 @@ class KeyRing:
         self.open = not self._keys
         self._anonymous = KeyState(None, "hostler (no key required)")
         self._metrics = settings.metrics_key.encode() if settings.metrics_key else None
+        self._metrics_open = settings.metrics_open
 
     def authenticate_metrics(self, token: str | None) -> None:
-        """/metrics and /v1/loads: the metrics key or any API key; open with neither."""
+        """/metrics and /v1/loads: the metrics key or any API key; open with neither, or
+        with `metrics_open`."""
+        if self._metrics_open:
+            return
         if self._metrics is None:
             self.authenticate(token)
             return

@@ -40,6 +40,14 @@ def test_a_metrics_key_alone_guards_only_the_metrics(tmp_path: Path) -> None:
         assert api.client.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 
+def test_metrics_open_needs_no_key_for_metrics_only(tmp_path: Path) -> None:
+    for api in make_api(tmp_path, api_key="user-secret-1", metrics_open=True):
+        assert api.client.get("/metrics").status_code == 200
+        assert api.client.get("/v1/loads").status_code == 200
+        assert api.client.post("/v1/chat/completions", json=CHAT).status_code == 401
+        assert api.client.get("/v1/models").status_code == 401
+
+
 def test_router_gauges_and_prefix_cache_counters(api: Api) -> None:
     first = api.client.post("/v1/chat/completions", json=CHAT).json()
     again = api.client.post("/v1/chat/completions", json=CHAT).json()
