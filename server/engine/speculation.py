@@ -6,8 +6,8 @@ target model checks them all in the step's one batch.
   token by token (O(1) each; the prompt is indexed once at admission).
 - `StepCosts`: how long a decode of n tokens takes on this model and machine, measured
   at load and then from every step.
-- `Acceptance`: how often a drafted token is kept, by the length of the match behind it,
-  learned from every draft.
+- `Acceptance`: how far a draft runs before its first rejected token, by the length of
+  the match behind it, learned from every draft (and explored while it knows little).
 - `plan` decides, for a whole step, which sequences draft how many tokens: only where
   the expected kept tokens buy more than the extra rows cost (auto), always (ngram) or
   never (off).
@@ -35,14 +35,15 @@ MAX_DRAFT = 64
 drafted row costs a fraction of a decode step)."""
 MAX_MATCH = 64
 """How far back a match is measured: the longer it is, the likelier the copy goes on."""
-AUTO_MIN_MATCH = 8
-"""In auto mode a sequence drafts only behind a match at least this long: chance matches
-of a few tokens (common phrases in prose) are mostly rejected, and each rejected row is
-a cost plain decoding never pays. A copy with edits every dozen tokens (a rename in a
-code file) must still draft between them, so this stays short (llama-server's ngram-mod
-waits for 24 and misses those)."""
-MARGIN = 1.05
-"""A plan must promise this much more throughput than plain decoding (costs are noisy)."""
+AUTO_MIN_MATCH = NGRAM
+"""In auto mode a sequence may draft behind any n-gram match: the learned table (by match
+length) and the step costs decide whether it pays. A copy with edits every dozen tokens
+(a rename in a code file) must draft between them, right after the match picks up again
+(llama-server's ngram-mod waits for 24 tokens and misses those)."""
+MARGIN = 1.15
+"""A plan must promise this much more throughput than plain decoding: step costs are the
+fastest of recent samples and acceptance an average, so a thin margin drafts where it
+only breaks even (with 1.05, prose and 8 streams measured 0.95-0.96x plain here)."""
 SAMPLES = 16
 """Step times kept per batch size (the fastest is the estimate)."""
 PRIOR_WEIGHT = 2.0
@@ -121,49 +122,96 @@ class Drafter:
 
 
 class Acceptance:
-    """How often a drafted token is accepted, by how long the match behind it is (the
-    match grows by one with each token of a draft): learned by the engine from every
-    draft, so a new sequence starts from what this model and its users' texts do. A
-    copy (long matches) keeps drafting long while prose (short chance matches) stops."""
+    """How long a draft runs before its first rejected token, by the length of the match
+    it starts behind: learned by the engine from every draft, so a new sequence starts
+    from what this model and its users' texts do.
 
-    BUCKET = 4
+    Kept as a hazard per position in the draft (how often the i-th token is the first
+    rejected, given the ones before it were kept), not as one rate per token: a copy is
+    bimodal (a draft that starts at an edit fails at once; one that starts in a verbatim
+    stretch runs to its end), which a single per-token rate, multiplied out, would
+    mistake for drafts that decay quickly, and so never draft the long runs that pay."""
+
+    POSITIONS = (0, 1, 2, 3, 4, 8, 16, 32)
+    """Where each position bin starts (later positions share a bin: fewer trials)."""
+    EXPLORE = 16
+    """Drafts behind a match bucket before its table is trusted: until then auto drafts
+    as forced drafting would, to learn (only behind AUTO_MIN_MATCH tokens or more)."""
+    REVISIT = 64
+    """Declined drafts behind a bucket after which one is tried anyway, so a table made
+    pessimistic by one kind of text (prose) learns again when another (code) comes."""
 
     def __init__(self) -> None:
-        n = MAX_MATCH // self.BUCKET + 2
-        self._trials = [0.0] * n
-        self._kept = [0.0] * n
+        n = len(self.POSITIONS)
+        self._trials = [[0.0] * n for _ in range(self._n_buckets())]
+        self._rejects = [[0.0] * n for _ in range(self._n_buckets())]
+        self._drafts = [0] * self._n_buckets()
+        self._declined = [0] * self._n_buckets()
 
-    def _bucket(self, matched: int) -> int:
-        return min(matched, MAX_MATCH + self.BUCKET) // self.BUCKET
+    @staticmethod
+    def _n_buckets() -> int:
+        return 6
+
+    @staticmethod
+    def _bucket(matched: int) -> int:
+        """0: under 8, 1: 8-15, 2: 16-31, 3: 32-63, 4: 64-127, 5: longer."""
+        return min(max(matched, 1).bit_length() - 3, 5) if matched >= 8 else 0
+
+    def _pos(self, i: int) -> int:
+        for b in range(len(self.POSITIONS) - 1, -1, -1):
+            if i >= self.POSITIONS[b]:
+                return b
+        return 0
+
+    def hazard(self, matched: int, i: int) -> float:
+        """How often the draft's i-th token is the first rejected, given the ones before
+        it were kept (a prior of one in two)."""
+        b, p = self._bucket(matched), self._pos(i)
+        return (self._rejects[b][p] + 1) / (self._trials[b][p] + 2)
 
     def rate(self, matched: int) -> float:
+        """How often a draft's first token is kept."""
+        return 1.0 - self.hazard(matched, 0)
+
+    def exploring(self, matched: int) -> bool:
+        """Too few drafts behind this match length to trust the table (or too many
+        declined since the last): draft anyway, to learn."""
         b = self._bucket(matched)
-        return (self._kept[b] + 1) / (self._trials[b] + 2)  # a prior of one in two
+        return self._drafts[b] < self.EXPLORE or self._declined[b] >= self.REVISIT
+
+    def declined(self, matched: int) -> None:
+        self._declined[self._bucket(matched)] += 1
 
     def record(self, matched: int, drafted: int, accepted: int) -> None:
-        """A draft behind a match of `matched` tokens: its first `accepted` tokens were
-        kept; the one after them (if any) was the first rejected."""
+        """A draft of `drafted` tokens behind a match of `matched`: its first `accepted`
+        tokens were kept; the one after them (if any) was the first rejected."""
+        b = self._bucket(matched)
+        self._drafts[b] += 1
+        self._declined[b] = 0
+        trials, rejects = self._trials[b], self._rejects[b]
         for i in range(min(drafted, accepted + 1)):
-            b = self._bucket(matched + i)
+            p = self._pos(i)
             # Old evidence fades, so the table follows what the server is used for now.
-            self._trials[b] = 0.995 * self._trials[b] + 1
-            self._kept[b] = 0.995 * self._kept[b] + (1 if i < accepted else 0)
+            trials[p] = 0.995 * trials[p] + 1
+            rejects[p] = 0.995 * rejects[p] + (1 if i == accepted else 0)
 
     def expected(self, matched: int, k: int, scale: float = 1.0) -> list[float]:
         """Tokens expected to be kept from drafts of 1..k tokens (a token counts only if
-        all before it were kept); `scale` corrects each token's rate for one sequence."""
-        out, total, p = [], 0.0, 1.0
+        all before it were kept); `scale` corrects the odds for one sequence."""
+        out, total, survive = [], 0.0, 1.0
         for i in range(k):
-            p *= min(self.rate(matched + i) * scale, 1.0)
-            total += p
+            survive *= min((1.0 - self.hazard(matched, i)) * scale, 1.0)
+            total += survive
             out.append(total)
         return out
 
     def table(self) -> dict[str, float]:
+        """Per match bucket that has drafted: the first token's keep rate."""
+        starts = (4, 8, 16, 32, 64, 128)
         return {
-            f"{b * self.BUCKET}+": round(self.rate(b * self.BUCKET), 3)
-            for b in range(len(self._trials))
-            if self._trials[b] >= 1
+            f"{starts[b]}+": round(1.0 - (self._rejects[b][0] + 1) / (self._trials[b][0] + 2), 3)
+            for b in range(self._n_buckets())
+            if self._trials[b][0] >= 1
         }
 
 
@@ -252,18 +300,35 @@ def plan(
             now = costs.estimate(tokens)
             if now is None:
                 continue
-            best_rate, k = outputs / now * MARGIN, 0
-            for j in range(1, limit + 1):
-                cost = costs.estimate(tokens + j)
-                if cost is None or cost <= 0:
-                    break
-                rate = (outputs + gains[j - 1]) / cost
-                if rate > best_rate:
-                    best_rate, k = rate, j
-            if k == 0:
-                continue
+            plain = outputs / now * MARGIN
+            if acceptance.exploring(matched):
+                # Learning: the forced length, if it would pay were it all kept.
+                k = min(limit, matched)
+                cost = costs.estimate(tokens + k)
+                if cost is None or (outputs + k) / cost <= plain:
+                    continue
+            else:
+                k = _best_length(gains, tokens, outputs, plain, costs)
+                if k == 0:
+                    acceptance.declined(matched)
+                    continue
         outputs += gains[k - 1]
         out[i] = k
         tokens += k
         room -= k
     return out
+
+
+def _best_length(
+    gains: list[float], tokens: int, outputs: float, plain: float, costs: StepCosts
+) -> int:
+    """The draft length whose expected tokens per second beat `plain` the most (0: none)."""
+    best_rate, k = plain, 0
+    for j in range(1, len(gains) + 1):
+        cost = costs.estimate(tokens + j)
+        if cost is None or cost <= 0:
+            break
+        rate = (outputs + gains[j - 1]) / cost
+        if rate > best_rate:
+            best_rate, k = rate, j
+    return k

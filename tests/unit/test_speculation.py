@@ -92,3 +92,39 @@ def test_a_sequence_whose_drafts_fail_drafts_less_than_the_table_says() -> None:
     for _ in range(20):
         bad.record(8, 0)
     assert bad.scale(acc.rate(40)) < 0.2 < good.scale(acc.rate(40))
+
+
+def cpu_costs() -> StepCosts:
+    """This 2-core CPU's shape: below 16 rows each row costs about a step; from 16 on a
+    row costs a third of one (ms: 1/2/8/16/32 rows = 11/23/57/60/122)."""
+    c = StepCosts()
+    for n, ms in ((1, 11), (2, 23), (8, 57), (16, 60), (32, 122)):
+        c.observe(n, ms / 1000)
+    return c
+
+
+def test_a_copy_that_either_fails_at_once_or_runs_on_drafts_long() -> None:
+    """Three drafts in ten fail at their first token (an edit), the rest run to the end
+    (verbatim): 16 rows pay, though a rate of 0.7 a token, multiplied out, would not."""
+    acc = Acceptance()
+    for i in range(100):
+        acc.record(20, 32, 0 if i % 10 < 3 else 32)
+    assert not acc.exploring(20)
+    drafter = Drafter(NgramIndex([]))
+    (k,) = plan([(drafter, [7] * MAX_DRAFT, 20)], 1, 1, 500, cpu_costs(), acc)
+    assert 1 + k >= 16  # the step has 16 rows or more
+
+
+def test_auto_explores_a_match_length_it_knows_little_of_only_where_it_could_pay() -> None:
+    fresh, drafter = Acceptance(), Drafter(NgramIndex([]))
+    assert fresh.exploring(20)
+    assert plan([(drafter, [7] * MAX_DRAFT, 20)], 1, 1, 500, cpu_costs(), fresh) == [20]
+    expensive = costs(0.016, 0.016)  # not even a draft kept whole would pay
+    assert plan([(drafter, [7] * MAX_DRAFT, 20)], 8, 8, 500, expensive, fresh) == [0]
+    # Declined long enough, a table made pessimistic by prose is tried again.
+    prose = Acceptance()
+    for _ in range(Acceptance.EXPLORE):
+        prose.record(20, 16, 0)
+    for _ in range(Acceptance.REVISIT):
+        assert plan([(drafter, [7] * MAX_DRAFT, 20)], 1, 1, 500, cpu_costs(), prose) == [0]
+    assert prose.exploring(20)
