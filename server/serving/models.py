@@ -414,6 +414,9 @@ class ModelService:
         """What is loaded (and loading), for `hostler ps` and GET /v1/ps: each with its
         kind (chat, embedding, rerank)."""
         out = self.pool.status()
+        model_id = self.default_id()
+        if self.revive_error is not None and not any(e["model"] == model_id for e in out):
+            out.append({"model": model_id, "state": "error", "error": self.revive_error})
         for entry in out:
             entry["kind"] = self.registry.get(str(entry["model"])).kind
         return out

@@ -174,6 +174,9 @@ def test_a_worker_killed_mid_stream_ends_the_stream_with_an_error(
         assert health.status_code == 503 and time.monotonic() < deadline, health.text
         time.sleep(0.2)  # "loading model" until the reaper's first try to load it again
     assert health.status_code == 503 and workers[1].endpoint in health.json()["error"]
+    ps = {m["model"]: m for m in httpx.get(server.url + "/v1/ps").json()["models"]}
+    assert ps["smollm2-split"]["state"] == "error"
+    assert workers[1].endpoint in ps["smollm2-split"]["error"]
     # ... and once the worker is back the default model loads again with no request.
     workers[1] = Worker(tmp_path / "worker1.log", workers[1].port)
     deadline = time.monotonic() + 90
