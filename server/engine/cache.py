@@ -17,6 +17,7 @@ slot. Nothing here runs per token: only when a slot changes hands.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import logging
@@ -36,6 +37,8 @@ log = logging.getLogger("hostler.cache")
 _LLAMA_VERSION = importlib.metadata.version("llama_cpp_python")
 
 Tokens = npt.NDArray[np.int32]
+State = bytes | bytearray
+"""A sequence's KV cells as llama.cpp serialises them (a bytearray straight from it)."""
 
 MAGIC = b"HOSTLKV1"
 _HEAD = struct.Struct("<8s32sIQ")  # magic, model key, token count, state size
@@ -65,7 +68,7 @@ def extends(longer: Tokens, shorter: Tokens) -> bool:
 class Entry:
     tokens: Tokens
     size: int  # bytes of state
-    state: bytes | None = None  # in RAM; None for a disk-only entry
+    state: State | None = None  # in RAM; None for a disk-only entry
     path: Path | None = None
 
 
@@ -93,7 +96,7 @@ class DiskTier:
         self.stats = TierStats(limit_bytes=limit_bytes)
         self._lock = threading.Lock()
         self._index: OrderedDict[str, Entry] = OrderedDict()  # least recent first
-        self._queue: queue.Queue[tuple[str, Tokens, bytes] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[str, Tokens, State] | None] = queue.Queue()
         # The entries hold recent prompts (as tokens): readable by this user only.
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._scan()
@@ -149,7 +152,7 @@ class DiskTier:
         with self._lock:
             return list(self._index.values())
 
-    def load(self, entry: Entry) -> bytes | None:
+    def load(self, entry: Entry) -> State | None:
         """The entry's state, verified; None (and the file removed) if it is unusable."""
         assert entry.path is not None
         try:
@@ -183,7 +186,7 @@ class DiskTier:
 
     # -- writing -----------------------------------------------------------------
 
-    def put(self, tokens: Tokens, state: bytes) -> None:
+    def put(self, tokens: Tokens, state: State) -> None:
         """Queue an entry for writing (the caller never waits on the disk)."""
         size = _HEAD.size + 4 * len(tokens) + len(state) + _DIGEST
         if size <= self.limit:
@@ -197,6 +200,10 @@ class DiskTier:
         self._writer.join(timeout=120)
 
     def _write_loop(self) -> None:
+        # Hash, write and fsync at the lowest priority: on a machine whose cores all
+        # decode, a writer at equal priority stalls every step of llama.cpp's threads.
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while True:
             item = self._queue.get()
             try:
@@ -208,7 +215,7 @@ class DiskTier:
             finally:
                 self._queue.task_done()
 
-    def _write(self, name: str, tokens: Tokens, state: bytes) -> None:
+    def _write(self, name: str, tokens: Tokens, state: State) -> None:
         path = self.folder / f"{name}.kv"
         if path.exists():
             return
@@ -264,7 +271,7 @@ class PromptCache:
         """True if an entry already holds `tokens` (or a continuation of them)."""
         return any(extends(e.tokens, tokens) for e in self.ram.values())
 
-    def save(self, tokens: Tokens, state: bytes) -> None:
+    def save(self, tokens: Tokens, state: State) -> None:
         if len(tokens) < MIN_TOKENS or self.covers(tokens):
             return
         for name, e in list(self.ram.items()):  # the new entry extends these
@@ -275,7 +282,7 @@ class PromptCache:
             self.disk.put(tokens, state)
         self._put(tokens, state)
 
-    def _put(self, tokens: Tokens, state: bytes) -> None:
+    def _put(self, tokens: Tokens, state: State) -> None:
         """Keep `state` in RAM (if it fits at all), evicting the least recent entries."""
         if len(state) > self.limit:
             return
@@ -305,7 +312,7 @@ class PromptCache:
                     best_n, best = n, e
         return best_n, best
 
-    def state_of(self, entry: Entry) -> bytes | None:
+    def state_of(self, entry: Entry) -> State | None:
         """The entry's state (a disk entry is read, verified and moved into RAM)."""
         if entry.state is not None:
             self.stats.hits += 1

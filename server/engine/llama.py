@@ -420,19 +420,30 @@ class LlamaModel:
 
     # -- sequence state (prompt cache) ------------------------------------------------
 
-    def state_get(self, seq: int) -> bytes:
-        """A copy of `seq`'s KV cells, as llama.cpp serialises them."""
+    def state_get(self, seq: int) -> bytearray:
+        """A copy of `seq`'s KV cells, as llama.cpp serialises them (written straight into
+        the buffer it is kept in: a state is tens of MB, a second copy costs a prefill
+        step)."""
         size = int(lc.llama_state_seq_get_size(self.ctx, seq))
-        buf = (ctypes.c_uint8 * size)()
-        written = int(lc.llama_state_seq_get_data(self.ctx, buf, size, seq))
-        return ctypes.string_at(buf, written)
+        buf = bytearray(size)
+        view = (ctypes.c_uint8 * size).from_buffer(buf)
+        written = int(lc.llama_state_seq_get_data(self.ctx, view, size, seq))
+        del view  # a bytearray whose buffer is exported cannot be resized
+        if written != size:
+            del buf[written:]
+        return buf
 
-    def state_set(self, seq: int, state: bytes) -> bool:
+    def state_set(self, seq: int, state: bytes | bytearray) -> bool:
         """Load a state written by `state_get` into `seq` (emptied first); False if it
         does not fit or does not parse (llama.cpp checks; nothing is left half-loaded)."""
         self.seq_rm(seq, -1, -1)
-        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-        if int(lc.llama_state_seq_set_data(self.ctx, buf, len(state), seq)) == 0:
+        if isinstance(state, bytearray):  # read in place (state_get's): no copy
+            src: Any = (ctypes.c_uint8 * len(state)).from_buffer(state)
+        else:
+            src = ctypes.cast(ctypes.c_char_p(state), ctypes.POINTER(ctypes.c_uint8))
+        loaded = int(lc.llama_state_seq_set_data(self.ctx, src, len(state), seq))
+        del src
+        if loaded == 0:
             self.seq_rm(seq, -1, -1)
             return False
         return True
