@@ -37,8 +37,9 @@ log = logging.getLogger("hostler.cache")
 _LLAMA_VERSION = importlib.metadata.version("llama_cpp_python")
 
 Tokens = npt.NDArray[np.int32]
-State = bytes | bytearray
-"""A sequence's KV cells as llama.cpp serialises them (a bytearray straight from it)."""
+State = bytes | npt.NDArray[np.uint8]
+"""A sequence's KV cells as llama.cpp serialises them (an array straight from it, or the
+bytes read back from disk)."""
 
 MAGIC = b"HOSTLKV1"
 _HEAD = struct.Struct("<8s32sIQ")  # magic, model key, token count, state size
@@ -224,7 +225,8 @@ class DiskTier:
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
-            for part in (head, tokens.astype(np.int32).tobytes(), state):
+            body = state if isinstance(state, bytes) else state.data
+            for part in (head, tokens.astype(np.int32).tobytes(), body):
                 digest.update(part)
                 f.write(part)
             f.write(digest.digest())

@@ -40,6 +40,19 @@ def _die_with_parent() -> None:
         pass
 
 
+def _keep_freed_memory() -> None:
+    """glibc: serve large blocks from the heap and keep freed memory mapped. A prompt
+    cache state is tens of MB; glibc maps each block over 32 MB afresh, and zeroing and
+    faulting in fresh pages cost 18 ms per 34 MB state saved (measured), where a block
+    reused from the heap costs under 1 ms. The RAM tier's budget bounds what is kept."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks up to 1 GiB from the heap
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: return free heap top over 1 GiB only
+    except (OSError, AttributeError):
+        pass
+
+
 class _Child:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -167,6 +180,7 @@ class _Child:
 
 def main(argv: list[str]) -> int:
     _die_with_parent()
+    _keep_freed_memory()
     # The parent decides when this process ends (after its streams finish): a Ctrl-C or
     # a SIGTERM sent to the whole group (systemd) must not cut them off.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -420,25 +420,22 @@ class LlamaModel:
 
     # -- sequence state (prompt cache) ------------------------------------------------
 
-    def state_get(self, seq: int) -> bytearray:
-        """A copy of `seq`'s KV cells, as llama.cpp serialises them (written straight into
-        the buffer it is kept in: a state is tens of MB, a second copy costs a prefill
-        step)."""
+    def state_get(self, seq: int) -> npt.NDArray[np.uint8]:
+        """A copy of `seq`'s KV cells, as llama.cpp serialises them, written straight into
+        the buffer it is kept in: a state is tens of MB, and neither zeroing it first
+        (bytearray, ctypes arrays) nor a second copy is free on the engine's thread."""
         size = int(lc.llama_state_seq_get_size(self.ctx, seq))
-        buf = bytearray(size)
-        view = (ctypes.c_uint8 * size).from_buffer(buf)
-        written = int(lc.llama_state_seq_get_data(self.ctx, view, size, seq))
-        del view  # a bytearray whose buffer is exported cannot be resized
-        if written != size:
-            del buf[written:]
-        return buf
+        buf = np.empty(size, dtype=np.uint8)
+        dst = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        written = int(lc.llama_state_seq_get_data(self.ctx, dst, size, seq))
+        return buf[:written]
 
-    def state_set(self, seq: int, state: bytes | bytearray) -> bool:
+    def state_set(self, seq: int, state: bytes | npt.NDArray[np.uint8]) -> bool:
         """Load a state written by `state_get` into `seq` (emptied first); False if it
         does not fit or does not parse (llama.cpp checks; nothing is left half-loaded)."""
         self.seq_rm(seq, -1, -1)
-        if isinstance(state, bytearray):  # read in place (state_get's): no copy
-            src: Any = (ctypes.c_uint8 * len(state)).from_buffer(state)
+        if isinstance(state, np.ndarray):  # read in place (state_get's): no copy
+            src: Any = state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
         else:
             src = ctypes.cast(ctypes.c_char_p(state), ctypes.POINTER(ctypes.c_uint8))
         loaded = int(lc.llama_state_seq_set_data(self.ctx, src, len(state), seq))
