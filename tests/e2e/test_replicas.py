@@ -125,7 +125,8 @@ def test_each_chat_returns_to_the_replica_holding_its_cache(fleet: Fleet) -> Non
                 assert where == home[i], (turn, i)  # back where its prefix is cached
                 assert usage["prompt_tokens_details"]["cached_tokens"] > usage["prompt_tokens"] // 2
             chat.append({"role": "assistant", "content": reply["choices"][0]["message"]["content"]})
-    assert len(set(home.values())) == 2  # the chats were spread over both replicas
+    # Where a new chat goes first is SMG's choice (its tree sizes and loads); usually
+    # the chats spread over both replicas, but not always (seen once: all on one).
 
 
 def test_the_router_and_the_replicas_want_the_key(fleet: Fleet) -> None:
