@@ -2,7 +2,7 @@
 
 llama.cpp decides the layer split while it loads (by tensor_split, or by each device's
 free memory) and says what it decided only in its log: a debug line per layer ("layer 3
-assigned to device RPC0[10.0.0.2:50052]") and a line per buffer ("RPC0[...] model buffer
+assigned to device RPC0") and a line per buffer ("RPC0[10.0.0.2:50052] model buffer
 size = 40.50 MiB", "... KV buffer size = ..."). `LoadLog` collects those lines while one
 model loads; `devices()` sums them per device, in the order the devices first appear.
 """
@@ -14,7 +14,8 @@ import threading
 from dataclasses import dataclass
 
 _LAYER = re.compile(r"layer\s+(\d+) assigned to device (\S+?),")
-_BUFFER = re.compile(r"(\S+) (?:model|KV|compute) buffer size =\s*([\d.]+) MiB")
+_BUFFER = re.compile(r"(\S+) (?:model|KV) buffer size =\s*([\d.]+) MiB")
+"""Weights and KV cache; compute buffers are scratch, not the model."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class LoadLog:
                     self._see(m.group(2))
         elif "buffer size" in line:
             m = _BUFFER.search(line)
-            if m and "compute" not in line:  # compute buffers are scratch, not the model
+            if m:
                 device = device_of(m.group(1))
                 with self._lock:
                     self._bytes[device] = self._bytes.get(device, 0.0) + float(m.group(2)) * 2**20

@@ -134,6 +134,8 @@ class Acceptance:
 
     POSITIONS = (0, 1, 2, 3, 4, 8, 16, 32)
     """Where each position bin starts (later positions share a bin: fewer trials)."""
+    STARTS = (4, 8, 16, 32, 64, 128)
+    """The shortest match of each match bucket (0: under 8, then powers of two)."""
     EXPLORE = 16
     """Drafts behind a match bucket before its table is trusted: until then auto drafts
     as forced drafting would, to learn (only behind AUTO_MIN_MATCH tokens or more)."""
@@ -142,26 +144,20 @@ class Acceptance:
     pessimistic by one kind of text (prose) learns again when another (code) comes."""
 
     def __init__(self) -> None:
-        n = len(self.POSITIONS)
-        self._trials = [[0.0] * n for _ in range(self._n_buckets())]
-        self._rejects = [[0.0] * n for _ in range(self._n_buckets())]
-        self._drafts = [0] * self._n_buckets()
-        self._declined = [0] * self._n_buckets()
+        n, buckets = len(self.POSITIONS), len(self.STARTS)
+        self._trials = [[0.0] * n for _ in range(buckets)]
+        self._rejects = [[0.0] * n for _ in range(buckets)]
+        self._drafts = [0] * buckets
+        self._declined = [0] * buckets
 
-    @staticmethod
-    def _n_buckets() -> int:
-        return 6
-
-    @staticmethod
-    def _bucket(matched: int) -> int:
+    @classmethod
+    def _bucket(cls, matched: int) -> int:
         """0: under 8, 1: 8-15, 2: 16-31, 3: 32-63, 4: 64-127, 5: longer."""
-        return min(max(matched, 1).bit_length() - 3, 5) if matched >= 8 else 0
+        return min(matched.bit_length() - 3, len(cls.STARTS) - 1) if matched >= 8 else 0
 
-    def _pos(self, i: int) -> int:
-        for b in range(len(self.POSITIONS) - 1, -1, -1):
-            if i >= self.POSITIONS[b]:
-                return b
-        return 0
+    @staticmethod
+    def _pos(i: int) -> int:
+        return _POSITION_BIN[min(i, MAX_DRAFT - 1)]
 
     def hazard(self, matched: int, i: int) -> float:
         """How often the draft's i-th token is the first rejected, given the ones before
@@ -207,12 +203,17 @@ class Acceptance:
 
     def table(self) -> dict[str, float]:
         """Per match bucket that has drafted: the first token's keep rate."""
-        starts = (4, 8, 16, 32, 64, 128)
         return {
-            f"{starts[b]}+": round(1.0 - (self._rejects[b][0] + 1) / (self._trials[b][0] + 2), 3)
-            for b in range(self._n_buckets())
+            f"{start}+": round(self.rate(start), 3)
+            for b, start in enumerate(self.STARTS)
             if self._trials[b][0] >= 1
         }
+
+
+_POSITION_BIN = tuple(
+    max(b for b, start in enumerate(Acceptance.POSITIONS) if i >= start) for i in range(MAX_DRAFT)
+)
+"""A draft position's bin, computed once (the policy asks for every position, every step)."""
 
 
 @dataclass
