@@ -34,6 +34,7 @@ from server.engine.speculation import (
     MAX_DRAFT,
     Acceptance,
     Drafter,
+    History,
     Mode,
     NgramIndex,
     StepCosts,
@@ -101,6 +102,7 @@ class LlamaEngine:
         self.decoding = Decoding(self.model, self.stats)
         self.costs = StepCosts()
         self.acceptance = Acceptance()
+        self.history = History()
         self._thread = threading.Thread(target=self._run, name="hostler-engine", daemon=True)
         self._thread.start()
 
@@ -261,6 +263,9 @@ class LlamaEngine:
     def _prune(self) -> None:
         """Drop the sequences that finished this step from the active list."""
         if any(s.finished for s in self._active):
+            for s in self._active:
+                if s.finished and s.drafter is not None:
+                    self.history.add(s.drafter.index)  # later requests may copy it
             self._active = [s for s in self._active if not s.finished]
 
     def _unqueue(self, seq: Seq) -> None:
@@ -322,7 +327,8 @@ class LlamaEngine:
         mode = self.speculative
         if wanted is False or mode == "off" or seq.request.max_tokens < 2:
             return None
-        return Drafter(NgramIndex(seq.request.prompt_tokens), forced=wanted or mode == "ngram")
+        index = NgramIndex(seq.request.prompt_tokens, history=self.history)
+        return Drafter(index, forced=wanted or mode == "ngram")
 
     @staticmethod
     def _ready(seq: Seq) -> bool:

@@ -19,6 +19,7 @@ only while the sampled token equals the draft, so the output is exactly plain de
 
 from __future__ import annotations
 
+import bisect
 import statistics
 from collections import deque
 from collections.abc import Sequence
@@ -33,8 +34,21 @@ edit, long enough that prose rarely matches by chance."""
 MAX_DRAFT = 64
 """Tokens one sequence may draft in a step (a long verbatim copy drafts long: on a CPU a
 drafted row costs a fraction of a decode step)."""
-MAX_MATCH = 64
-"""How far back a match is measured: the longer it is, the likelier the copy goes on."""
+MAX_MATCH = 256
+"""How far back a match is measured: the longer it is, the likelier the copy goes on
+(and an earlier request sent again matches far back)."""
+HISTORY = 8
+"""Finished sequences per model whose tokens later sequences may copy from."""
+OCCURRENCES = 8
+"""Earlier occurrences of each n-gram kept, to choose the one with the longest match."""
+RESYNC = 2
+"""Tokens after an edit that must follow the source again to pick the copy up."""
+RESYNC_WINDOW = 12
+"""Source tokens an edit may skip (replace) and still be bridged."""
+RESYNC_AFTER = 16
+"""Output tokens after leaving the copy within which an edit is bridged."""
+SUB_MAX = 8
+"""The longest substitution learned (source or written tokens)."""
 AUTO_MIN_MATCH = NGRAM
 """In auto mode a sequence may draft behind any n-gram match: the learned table (by match
 length) and the step costs decide whether it pays. A copy with edits every dozen tokens
@@ -52,47 +66,200 @@ drafts say otherwise."""
 
 
 class NgramIndex:
-    """Where each NGRAM-gram of `tokens` last ended (only those with a token after)."""
+    """A sequence's tokens (prompt, then output) and the copy its output is making of
+    them, to draft what comes next.
 
-    def __init__(self, tokens: Sequence[int], n: int = NGRAM) -> None:
+    - A copy starts where the last NGRAM tokens occurred before (of their latest
+      OCCURRENCES, the one with the longest match behind it: in code of many similar
+      blocks, the block this one copies), and is followed token by token after that: a
+      cursor on the source, so a copy of block 5 drafts block 5's names, not those of
+      the block last seen.
+    - An edit (the output leaves the copy) is bridged: when the RESYNC tokens after it
+      are found again in the source within RESYNC_WINDOW tokens of where it left, the
+      copy goes on from there, and what the output wrote instead of the skipped source
+      tokens is learned as a substitution ("default" -> "fallback"), drafted in place of
+      those tokens from then on (so a rename drafts as well as a verbatim copy).
+    - `draft` gives the copy's next tokens and its run: how many tokens it has matched
+      (before the cursor was set) and followed since (across bridged edits), which the
+      policy's table keys on.
+    """
+
+    def __init__(
+        self, tokens: Sequence[int], n: int = NGRAM, history: History | None = None
+    ) -> None:
         self.n = n
+        self.history = history
         self.tokens: list[int] = []
-        self._after: dict[tuple[int, ...], int] = {}
+        self._ends: dict[tuple[int, ...], list[int]] = {}
+        self._subs: dict[int, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
         self._build(tokens)
 
     def _build(self, tokens: Sequence[int]) -> None:
         n = self.n
         toks = self.tokens = list(tokens)
-        after = self._after = {}
+        ends: dict[tuple[int, ...], list[int]] = {}
         for end in range(n, len(toks)):
-            after[tuple(toks[end - n : end])] = end
+            at = ends.setdefault(tuple(toks[end - n : end]), [])
+            at.append(end)
+            if len(at) > OCCURRENCES:
+                del at[0]
+        self._ends = ends
+        self._src: list[int] = toks
+        """The tokens the copy is made of: these (prompt and output), or an earlier
+        sequence's from the history."""
+        self._cursor: int | None = None
+        """Where in `_src` the copy's next token is (after `_pending`)."""
+        self._pending: tuple[int, ...] = ()
+        """The rest of a substitution being written before the cursor's token."""
+        self._run = 0
+        self._left: tuple[int, int, int] | None = None
+        """(source position, output position, run) where the output last left its copy."""
 
     def push(self, token: int) -> None:
         toks = self.tokens
         toks.append(token)
         end = len(toks) - 1
         if end >= self.n:
-            self._after[tuple(toks[end - self.n : end])] = end
+            at = self._ends.setdefault(tuple(toks[end - self.n : end]), [])
+            at.append(end)
+            if len(at) > OCCURRENCES:
+                del at[0]
+        if self._cursor is not None:
+            step = self._next(self._cursor, self._pending)
+            if step is not None and step[0] == token:
+                _, self._cursor, self._pending, _ = step
+                self._run += 1
+                return
+            if step is not None and step[3] is not None:
+                self._forget(step[3])  # a substitution the output did not make here
+            self._left = (self._cursor, end, self._run)
+            self._cursor, self._pending, self._run = None, (), 0
+            return
+        if self._left is not None:
+            self._resync()
 
     def truncate(self, length: int) -> None:
-        """Forget tokens from `length` on (a banned phrase rewound them): rebuilt."""
+        """Forget tokens from `length` on (a banned phrase rewound them): rebuilt (the
+        substitutions learned are kept)."""
         if length < len(self.tokens):
             self._build(self.tokens[:length])
 
     def draft(self, limit: int) -> tuple[list[int], int]:
-        """Up to `limit` tokens that followed the latest earlier occurrence of the last
-        n tokens, and how many tokens before them match there (at least n, at most
-        MAX_MATCH); ([], 0) when the last n tokens never occurred before."""
+        """Up to `limit` tokens the copy goes on with, and its run (0 and no tokens when
+        the output copies nothing now)."""
         toks = self.tokens
         if len(toks) < self.n or limit <= 0:
             return [], 0
-        end = self._after.get(tuple(toks[-self.n :]))
-        if end is None:
+        if self._cursor is None and not self._start():
             return [], 0
-        matched, top = self.n, min(MAX_MATCH, end)
-        while matched < top and toks[-1 - matched] == toks[end - 1 - matched]:
-            matched += 1
-        return toks[end : end + limit], matched
+        out: list[int] = []
+        cursor, pending = self._cursor, self._pending
+        assert cursor is not None
+        while len(out) < limit:
+            step = self._next(cursor, pending)
+            if step is None:
+                break
+            out.append(step[0])
+            _, cursor, pending, _ = step
+        return out, self._run
+
+    def _start(self) -> bool:
+        """Set the cursor after the earlier occurrence of the last n tokens with the
+        longest match behind it (the latest among equals, these tokens before the
+        history's)."""
+        toks = self.tokens
+        key = tuple(toks[-self.n :])
+        sources: list[tuple[list[int], list[int]]] = []
+        own = self._ends.get(key)
+        if own:
+            sources.append((toks, own))
+        if self.history is not None:
+            sources.extend(self.history.occurrences(key))
+        best, best_src, best_end = -1, toks, 0
+        for src, ends in sources:
+            for end in reversed(ends):
+                matched, top = self.n, min(MAX_MATCH, end, len(toks))
+                while matched < top and toks[-1 - matched] == src[end - 1 - matched]:
+                    matched += 1
+                if matched > best:
+                    best, best_src, best_end = matched, src, end
+        if best < 0:
+            return False
+        self._src, self._cursor, self._pending = best_src, best_end, ()
+        self._run, self._left = best, None
+        return True
+
+    def _next(
+        self, cursor: int, pending: tuple[int, ...]
+    ) -> tuple[int, int, tuple[int, ...], tuple[int, ...] | None] | None:
+        """The copy's next token from (cursor, pending), the state after it, and the
+        source tokens of the substitution it starts (if it starts one); None at the end."""
+        if pending:
+            return pending[0], cursor, pending[1:], None
+        toks = self._src
+        if cursor >= len(toks):
+            return None
+        for source, written in self._subs.get(toks[cursor], ()):
+            if tuple(toks[cursor : cursor + len(source)]) == source:
+                return written[0], cursor + len(source), written[1:], source
+        return toks[cursor], cursor + 1, (), None
+
+    def _resync(self) -> None:
+        """After an edit: pick the copy up again where its last RESYNC tokens follow the
+        source within RESYNC_WINDOW of where the output left it, and learn what the edit
+        wrote in place of the source tokens it skipped."""
+        assert self._left is not None
+        source, left, run = self._left
+        toks, src, m = self.tokens, self._src, RESYNC
+        end = len(toks)
+        if end - left > RESYNC_AFTER:
+            self._left = None  # not an edit of a few tokens: wait for an n-gram match
+            return
+        if end - left < m:
+            return
+        tail = toks[-m:]
+        # The copy's source is before the edit (in these tokens) or anywhere (history).
+        top = min(source + RESYNC_WINDOW + m, left if src is toks else len(src))
+        for j in range(source + m, top + 1):
+            if src[j - m : j] == tail:
+                skipped = tuple(src[source : j - m])
+                written = tuple(toks[left : end - m])
+                if skipped and written and len(skipped) <= SUB_MAX and len(written) <= SUB_MAX:
+                    subs = self._subs.setdefault(skipped[0], [])
+                    subs[:] = [(s, w) for s, w in subs if s != skipped]
+                    subs.append((skipped, written))
+                    subs.sort(key=lambda sw: -len(sw[0]))  # the longest source first
+                # The copy goes on: its run so far still tells how likely it is to.
+                self._cursor, self._pending, self._run, self._left = j, (), run + m, None
+                return
+
+    def _forget(self, source: tuple[int, ...]) -> None:
+        subs = self._subs.get(source[0], [])
+        subs[:] = [(s, w) for s, w in subs if s != source]
+
+
+class History:
+    """The tokens (prompt and output) of a model's last HISTORY finished sequences,
+    which every later sequence may copy from: a request that writes what an earlier
+    one wrote (the same file rewritten again, a regenerated answer, an agent's resent
+    turn) drafts it from there. Kept as their own indexes (nothing is built twice)."""
+
+    def __init__(self, keep: int = HISTORY) -> None:
+        self._kept: deque[NgramIndex] = deque(maxlen=keep)
+
+    def add(self, index: NgramIndex) -> None:
+        if len(index.tokens) > index.n:
+            index.history = None  # no chains of histories kept alive
+            self._kept.append(index)
+
+    def occurrences(self, key: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+        """(tokens, ends) of each kept sequence where `key` occurred, newest first."""
+        out = []
+        for index in reversed(self._kept):
+            ends = index._ends.get(key)
+            if ends:
+                out.append((index.tokens, ends))
+        return out
 
 
 @dataclass
@@ -226,6 +393,7 @@ class StepCosts:
 
     _samples: dict[int, deque[float]] = field(default_factory=dict)
     _median: dict[int, float] = field(default_factory=dict)
+    _sizes: list[int] = field(default_factory=list)
     _one: float | None = None
     _slope: float | None = None
 
@@ -234,6 +402,8 @@ class StepCosts:
         if kept is None:
             kept = self._samples[n] = deque(maxlen=SAMPLES)
         kept.append(seconds)
+        if n not in self._median:
+            bisect.insort(self._sizes, n)
         self._median[n] = min(kept)
         self._fit()
 
@@ -251,15 +421,16 @@ class StepCosts:
         plus the fitted slope per extra token."""
         if self._one is None or (n > 1 and self._slope is None):
             return None
-        sizes = sorted(self._median)
-        if n in self._median:
-            return self._median[n]
-        below = max((m for m in sizes if m < n), default=None)
-        above = min((m for m in sizes if m > n), default=None)
-        if below is not None and above is not None:
+        known = self._median.get(n)
+        if known is not None:
+            return known
+        sizes = self._sizes
+        i = bisect.bisect_left(sizes, n)  # sizes[i - 1] < n < sizes[i]
+        if 0 < i < len(sizes):
+            below, above = sizes[i - 1], sizes[i]
             t0, t1 = self._median[below], self._median[above]
             return t0 + (t1 - t0) * (n - below) / (above - below)
-        base = below if below is not None else 1
+        base = sizes[i - 1] if i > 0 else 1
         return self._median.get(base, self._one) + (self._slope or 0.0) * (n - base)
 
     def known(self) -> dict[str, float]:

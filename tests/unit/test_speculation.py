@@ -38,6 +38,55 @@ def test_no_match_no_draft_and_pushed_tokens_are_indexed() -> None:
     assert index.draft(4) == ([], 0)
 
 
+def _copy(index: NgramIndex, target: list[int], limit: int = 16) -> tuple[int, int, int]:
+    """Decode `target` greedily as a verifier would: (steps, drafted, misses), a miss
+    being a draft rejected before the target's end."""
+    steps = drafted = misses = i = 0
+    while i < len(target):
+        draft, _ = index.draft(limit)
+        ok = 0
+        while ok < len(draft) and i + ok < len(target) and draft[ok] == target[i + ok]:
+            ok += 1
+        misses += ok < len(draft) and i + ok < len(target)
+        for t in target[i : i + ok + 1]:
+            index.push(t)
+        steps, drafted, i = steps + 1, drafted + len(draft), i + ok + 1
+    return steps, drafted, misses
+
+
+def _blocks(names: list[int], arg: int) -> list[int]:
+    """Code of similar blocks: each names its field twice and its argument three times."""
+    out: list[int] = []
+    for f in names:
+        out += [1, 2, f, 3, 4, 5, arg, 6, 7, 8, 9, 10, f, 11, arg, 12, 7, 13, 8, 14, 15]
+        out += [6, 7, 16, arg, 7, 16, 8, 7]
+    return out
+
+
+def test_a_copy_follows_its_source_block_not_the_latest_similar_one() -> None:
+    names = [100, 101, 102, 103]
+    index = NgramIndex([90, 91, 92, 93, *_blocks(names, 50), 94, 90, 91, 92, 93])
+    steps, _, misses = _copy(index, _blocks(names, 50))
+    assert misses == 0
+    assert steps == 7  # 17 tokens a step (16 drafted and kept, one sampled)
+
+
+def test_a_rename_is_learned_and_drafted_in_place_of_the_old_name() -> None:
+    names = [100, 101, 102, 103, 104, 105]
+    index = NgramIndex([90, 91, 92, 93, *_blocks(names, 50), 94, 90, 91, 92, 93])
+    steps, _, misses = _copy(index, _blocks(names, 60))  # every 50 written as 60
+    assert misses == 1  # the first 60: from then on it is drafted
+    assert steps < len(_blocks(names, 60)) / 8  # the old n-gram drafter: one in four
+
+
+def test_a_substitution_the_output_stops_making_is_forgotten() -> None:
+    names = [100, 101, 102, 103]
+    index = NgramIndex([90, 91, 92, 93, *_blocks(names, 50), 94, 90, 91, 92, 93])
+    _copy(index, _blocks(names[:2], 60))  # renamed in the first two blocks
+    _, _, misses = _copy(index, _blocks(names[2:], 50))  # then no longer
+    assert misses == 1
+
+
 def test_step_costs_fit_a_line_from_the_fastest_samples() -> None:
     c = costs(0.010, 0.002)
     c.observe(4, 0.5)  # a slow outlier does not move the fastest
