@@ -206,10 +206,10 @@ class LlamaEngine:
     # -- the engine thread ----------------------------------------------------------------
 
     def _calibrate(self) -> None:
-        """Time decodes of 1 to 32 tokens, each with its logits (a verification's shape),
+        """Time decodes of 1 to 64 tokens, each with its logits (a verification's shape),
         before the first request: what a draft of k tokens costs (steps refine it)."""
         batch, token = self._batch, max(self.info.bos_id, 0)
-        for n in (1, 1, 2, 2, 4, 4, 8, 8, 16, 16, 32, 32):  # the first one warms up
+        for n in (1, 1, 2, 2, 4, 4, 8, 8, 16, 16, 32, 32, 64, 64):  # the first warms up
             if n > self._n_batch:
                 break
             batch.clear()

@@ -58,6 +58,8 @@ MARGIN = 1.15
 """A plan must promise this much more throughput than plain decoding: step costs are the
 fastest of recent samples and acceptance an average, so a thin margin drafts where it
 only breaks even (with 1.05, prose and 8 streams measured 0.95-0.96x plain here)."""
+EXPLORE_ROWS = 16
+"""The most rows a step that explores may have."""
 SAMPLES = 16
 """Step times kept per batch size (the fastest is the estimate)."""
 PRIOR_WEIGHT = 2.0
@@ -229,8 +231,10 @@ class NgramIndex:
                     subs[:] = [(s, w) for s, w in subs if s != skipped]
                     subs.append((skipped, written))
                     subs.sort(key=lambda sw: -len(sw[0]))  # the longest source first
-                # The copy goes on: its run so far still tells how likely it is to.
-                self._cursor, self._pending, self._run, self._left = j, (), run + m, None
+                # The copy goes on, but one with edits it has not learned is less sure
+                # to: each halves the run (a story that drifts from an earlier one
+                # soon drafts short, a rename learned makes no more edits).
+                self._cursor, self._pending, self._run, self._left = j, (), run // 2 + m, None
                 return
 
     def _forget(self, source: tuple[int, ...]) -> None:
@@ -305,7 +309,7 @@ class Acceptance:
     """The shortest match of each match bucket (0: under 8, then powers of two)."""
     EXPLORE = 16
     """Drafts behind a match bucket before its table is trusted: until then auto drafts
-    as forced drafting would, to learn (only behind AUTO_MIN_MATCH tokens or more)."""
+    as forced drafting would (at most to EXPLORE_ROWS rows), to learn."""
     REVISIT = 64
     """Declined drafts behind a bucket after which one is tried anyway, so a table made
     pessimistic by one kind of text (prose) learns again when another (code) comes."""
@@ -328,9 +332,14 @@ class Acceptance:
 
     def hazard(self, matched: int, i: int) -> float:
         """How often the draft's i-th token is the first rejected, given the ones before
-        it were kept (a prior of one in two)."""
+        it were kept: a position no draft has reached yet has the hazard of the last one
+        reached (a copy's hazard hardly changes along it; explored drafts are short),
+        and a bucket nothing reached a prior of one in two."""
         b, p = self._bucket(matched), self._pos(i)
-        return (self._rejects[b][p] + 1) / (self._trials[b][p] + 2)
+        trials, rejects = self._trials[b], self._rejects[b]
+        while p > 0 and trials[p] < 1:
+            p -= 1
+        return (rejects[p] + 1) / (trials[p] + 2)
 
     def rate(self, matched: int) -> float:
         """How often a draft's first token is kept."""
@@ -433,6 +442,10 @@ class StepCosts:
         base = sizes[i - 1] if i > 0 else 1
         return self._median.get(base, self._one) + (self._slope or 0.0) * (n - base)
 
+    def sizes(self) -> list[int]:
+        """The step sizes measured, smallest first."""
+        return self._sizes
+
     def known(self) -> dict[str, float]:
         out = {str(n): round(t * 1000, 3) for n, t in sorted(self._median.items())}
         if self._slope is not None:
@@ -474,9 +487,10 @@ def plan(
                 continue
             plain = outputs / now * MARGIN
             if acceptance.exploring(matched):
-                # Learning: the forced length, if it would pay were it all kept.
-                k = min(limit, matched)
-                cost = costs.estimate(tokens + k)
+                # Learning: the forced length, up to a step of EXPLORE_ROWS rows (a
+                # failed exploration costs little), if it would pay were it all kept.
+                k = min(limit, matched, EXPLORE_ROWS - tokens)
+                cost = costs.estimate(tokens + k) if k > 0 else None
                 if cost is None or (outputs + k) / cost <= plain:
                     continue
             else:
@@ -496,8 +510,18 @@ def _best_length(
 ) -> int:
     """The draft length whose expected tokens per second beat `plain` the most (0: none)."""
     best_rate, k = plain, 0
-    for j in range(1, len(gains) + 1):
-        cost = costs.estimate(tokens + j)
+    # Only steps of a size measured (between two, a step can cost more than either side:
+    # ggml's CPU matmuls are fastest in whole tiles), or the longest draft past them all.
+    sizes = costs.sizes()
+    if sizes and sizes[-1] < tokens + len(gains):
+        sizes = [*sizes, tokens + len(gains)]
+    for size in sizes:
+        j = size - tokens
+        if j < 1:
+            continue
+        if j > len(gains):
+            break
+        cost = costs.estimate(size)
         if cost is None or cost <= 0:
             break
         rate = (outputs + gains[j - 1]) / cost

@@ -6,6 +6,7 @@ from server.engine.speculation import (
     MAX_DRAFT,
     Acceptance,
     Drafter,
+    History,
     NgramIndex,
     StepCosts,
     plan,
@@ -87,6 +88,24 @@ def test_a_substitution_the_output_stops_making_is_forgotten() -> None:
     assert misses == 1
 
 
+def test_a_request_sent_again_drafts_what_the_first_one_wrote() -> None:
+    history = History()
+    prompt, answer = list(range(100, 130)), list(range(500, 560))
+    first = NgramIndex(prompt, history=history)
+    for t in answer:
+        first.push(t)
+    history.add(first)
+    again = NgramIndex(prompt, history=history)
+    draft, run = again.draft(16)
+    assert draft == answer[:16]
+    assert run == len(prompt)  # the whole prompt matches behind it
+    steps, _, misses = _copy(again, answer)
+    assert misses == 0 and steps <= 4
+    # Its own tokens win a tie: a prompt that repeats itself copies itself.
+    own = NgramIndex([*prompt, 7, *prompt[:10]], history=history)
+    assert own.draft(4)[0] == prompt[10:14]
+
+
 def test_step_costs_fit_a_line_from_the_fastest_samples() -> None:
     c = costs(0.010, 0.002)
     c.observe(4, 0.5)  # a slow outlier does not move the fastest
@@ -97,7 +116,7 @@ def test_step_costs_fit_a_line_from_the_fastest_samples() -> None:
 def test_auto_drafts_long_behind_a_long_match_that_has_been_kept() -> None:
     acc = Acceptance()
     for _ in range(50):
-        acc.record(AUTO_MIN_MATCH, MAX_DRAFT, MAX_DRAFT)
+        acc.record(40, 16, 16)  # explored drafts are short: longer ones extrapolate
     drafter = Drafter(NgramIndex([]))
     lengths = plan([(drafter, [7] * MAX_DRAFT, 40)], 1, 1, 500, costs(), acc)
     assert lengths[0] >= 32
@@ -167,7 +186,9 @@ def test_a_copy_that_either_fails_at_once_or_runs_on_drafts_long() -> None:
 def test_auto_explores_a_match_length_it_knows_little_of_only_where_it_could_pay() -> None:
     fresh, drafter = Acceptance(), Drafter(NgramIndex([]))
     assert fresh.exploring(20)
-    assert plan([(drafter, [7] * MAX_DRAFT, 20)], 1, 1, 500, cpu_costs(), fresh) == [20]
+    # As forced drafting would (as long as the match), in a step of at most 16 rows.
+    assert plan([(drafter, [7] * MAX_DRAFT, 12)], 1, 1, 500, cpu_costs(), fresh) == [12]
+    assert plan([(drafter, [7] * MAX_DRAFT, 20)], 1, 1, 500, cpu_costs(), fresh) == [15]
     expensive = costs(0.016, 0.016)  # not even a draft kept whole would pay
     assert plan([(drafter, [7] * MAX_DRAFT, 20)], 8, 8, 500, expensive, fresh) == [0]
     # Declined long enough, a table made pessimistic by prose is tried again.
