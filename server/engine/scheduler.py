@@ -327,7 +327,12 @@ class LlamaEngine:
         mode = self.speculative
         if wanted is False or mode == "off" or seq.request.max_tokens < 2:
             return None
-        index = NgramIndex(seq.request.prompt_tokens, history=self.history)
+        # Greedy requests also copy from earlier ones. A sampled one drafts from its own
+        # tokens only: the same seeded request alone then makes the same drafts, so the
+        # same batches and the same text (another history would change the batches,
+        # and a near-tie can go the other way in another batch: README, Speculative).
+        history = self.history if seq.request.params.greedy else None
+        index = NgramIndex(seq.request.prompt_tokens, history=history)
         return Drafter(index, forced=wanted or mode == "ngram")
 
     @staticmethod
