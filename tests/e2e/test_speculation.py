@@ -118,7 +118,8 @@ def test_a_request_sent_again_drafts_from_the_first(url: str) -> None:
     again = complete(url, body, speculative=True)
     assert again["texts"] == first["texts"] == plain["texts"]
     kept = again["stats"]["speculative"]["accepted_tokens"]
-    assert kept > 0.8 * again["stats"]["tokens_completion"] > kept - first["stats"]["speculative"]["accepted_tokens"], (first["stats"], again["stats"])
+    assert kept > 0.8 * again["stats"]["tokens_completion"], again["stats"]
+    assert kept > first["stats"]["speculative"]["accepted_tokens"], first["stats"]
 
 
 def test_stops_bans_and_n(url: str) -> None:
