@@ -324,9 +324,19 @@ async def sample_edit(client: httpx.AsyncClient, t: Target, args: argparse.Names
     return {"edit decode tok/s": r.decode_tps}
 
 
-async def sample_prose(client: httpx.AsyncClient, t: Target, args: argparse.Namespace) -> Sample:
-    """A story alone (end of text banned): decode tok/s where drafts rarely match."""
-    story = [{"role": "user", "content": "Write a long story about a storm at sea."}]
+STORIES = [
+    "a storm at sea", "a desert caravan", "a clockmaker's apprentice", "a mountain pass",
+    "a night market", "a lost orchard", "a frozen harbour", "a travelling circus",
+]  # fmt: skip
+
+
+async def sample_prose(
+    client: httpx.AsyncClient, t: Target, args: argparse.Namespace, round_no: int
+) -> Sample:
+    """A story alone (end of text banned): decode tok/s where drafts rarely match. A new
+    story each round: the same one again (greedy) would be drafted from the last."""
+    topic = STORIES[round_no % len(STORIES)]
+    story = [{"role": "user", "content": f"Write a long story about {topic}."}]
     r = await one(client, t, story, args.tokens, args.ban_map)
     return {"prose decode tok/s": r.decode_tps}
 
@@ -633,7 +643,7 @@ def run_rounds(targets: list[Target], args: argparse.Namespace) -> dict[str, lis
                         elif kind == "edit":
                             got = await sample_edit(client, t, args)
                         elif kind == "prose":
-                            got = await sample_prose(client, t, args)
+                            got = await sample_prose(client, t, args, i)
                         elif kind == "status-page":
                             got = await sample_status_page(client, t, args, i, watchers)
                         elif kind == "rpc-split":

@@ -311,8 +311,9 @@ class Acceptance:
     """Drafts behind a match bucket before its table is trusted: until then auto drafts
     as forced drafting would (at most to EXPLORE_ROWS rows), to learn."""
     REVISIT = 64
-    """Declined drafts behind a bucket after which one is tried anyway, so a table made
-    pessimistic by one kind of text (prose) learns again when another (code) comes."""
+    """Steps that declined drafts behind a bucket after which one is tried anyway, so a
+    table made pessimistic by one kind of text (prose) learns again when another (code)
+    comes."""
 
     def __init__(self) -> None:
         n, buckets = len(self.POSITIONS), len(self.STARTS)
@@ -322,7 +323,7 @@ class Acceptance:
         self._declined = [0] * buckets
 
     @classmethod
-    def _bucket(cls, matched: int) -> int:
+    def bucket(cls, matched: int) -> int:
         """0: under 8, 1: 8-15, 2: 16-31, 3: 32-63, 4: 64-127, 5: longer."""
         return min(matched.bit_length() - 3, len(cls.STARTS) - 1) if matched >= 8 else 0
 
@@ -335,7 +336,7 @@ class Acceptance:
         it were kept: a position no draft has reached yet has the hazard of the last one
         reached (a copy's hazard hardly changes along it; explored drafts are short),
         and a bucket nothing reached a prior of one in two."""
-        b, p = self._bucket(matched), self._pos(i)
+        b, p = self.bucket(matched), self._pos(i)
         trials, rejects = self._trials[b], self._rejects[b]
         while p > 0 and trials[p] < 1:
             p -= 1
@@ -348,16 +349,16 @@ class Acceptance:
     def exploring(self, matched: int) -> bool:
         """Too few drafts behind this match length to trust the table (or too many
         declined since the last): draft anyway, to learn."""
-        b = self._bucket(matched)
+        b = self.bucket(matched)
         return self._drafts[b] < self.EXPLORE or self._declined[b] >= self.REVISIT
 
     def declined(self, matched: int) -> None:
-        self._declined[self._bucket(matched)] += 1
+        self._declined[self.bucket(matched)] += 1
 
     def record(self, matched: int, drafted: int, accepted: int) -> None:
         """A draft of `drafted` tokens behind a match of `matched`: its first `accepted`
         tokens were kept; the one after them (if any) was the first rejected."""
-        b = self._bucket(matched)
+        b = self.bucket(matched)
         self._drafts[b] += 1
         self._declined[b] = 0
         trials, rejects = self._trials[b], self._rejects[b]
@@ -473,6 +474,7 @@ def plan(
     """
     out = [0] * len(candidates)
     tokens, outputs = base_tokens, float(base_outputs)
+    declined: set[int] = set()
     for i, (drafter, draft, matched) in enumerate(candidates):
         limit = min(len(draft), MAX_DRAFT, room)
         if limit <= 0 or (not drafter.forced and matched < AUTO_MIN_MATCH):
@@ -496,7 +498,9 @@ def plan(
             else:
                 k = _best_length(gains, tokens, outputs, plain, costs)
                 if k == 0:
-                    acceptance.declined(matched)
+                    if acceptance.bucket(matched) not in declined:  # once a step: at 8
+                        declined.add(acceptance.bucket(matched))  # streams, not 8 times
+                        acceptance.declined(matched)
                     continue
         outputs += gains[k - 1]
         out[i] = k
