@@ -31,6 +31,7 @@ from server.engine.llama import Batch, ContextOptions, LlamaModel
 from server.engine.placement import Placement
 from server.engine.sequence import Seq, Slot, slot_view
 from server.engine.speculation import (
+    BUCKET_NAMES,
     MAX_DRAFT,
     Acceptance,
     Drafter,
@@ -38,6 +39,7 @@ from server.engine.speculation import (
     Mode,
     NgramIndex,
     StepCosts,
+    costs_bucket,
     plan,
 )
 from server.engine.types import GenerationRequest, ModelInfo, SeqOutput
@@ -100,7 +102,8 @@ class LlamaEngine:
             self.model, self._slots, prompt_cache, self.cache_reuse, self.stats
         )
         self.decoding = Decoding(self.model, self.stats)
-        self.costs = StepCosts()
+        self.costs = StepCosts()  # one sequence's: calibrated at load
+        self._costs_by = {0: self.costs}  # by costs_bucket of the step's sequences
         self.acceptance = Acceptance()
         self.history = History()
         self._thread = threading.Thread(target=self._run, name="hostler-engine", daemon=True)
@@ -180,6 +183,11 @@ class LlamaEngine:
                 round(self.stats["draft_accepted"] / drafted, 3) if drafted else None
             ),
             "step_ms": self.costs.known() if self.speculative == "auto" else None,
+            "step_ms_by_sequences": (
+                {BUCKET_NAMES[b]: c.known() for b, c in sorted(self._costs_by.items())}
+                if self.speculative == "auto"
+                else None
+            ),
             "draft_acceptance_by_match": self.acceptance.table() or None,
             "cache": self.cache.health() if self.cache is not None else None,
             "slot_list": [slot_view(s, now) for s in self._slots],
@@ -377,7 +385,7 @@ class LlamaEngine:
         if self.speculative != "off" and len(added) == len(decoding):
             # A step of decode rows only (each with its logits, as drafts are): timed.
             self.model.synchronize()
-            self.costs.observe(batch.n, time.perf_counter() - start)
+            self._costs(len(decoding)).observe(batch.n, time.perf_counter() - start)
         self.stats["steps"] += 1
         for seq, tokens in added:
             assert seq.slot is not None
@@ -390,6 +398,14 @@ class LlamaEngine:
             if o is not None:
                 out.append((seq, o))
         return out
+
+    def _costs(self, sequences: int) -> StepCosts:
+        """The step costs of steps with `sequences` decoding (one table per bucket)."""
+        b = costs_bucket(sequences)
+        table = self._costs_by.get(b)
+        if table is None:
+            table = self._costs_by[b] = StepCosts(fallback=self.costs)
+        return table
 
     def _drafts(self, decoding: list[Seq]) -> dict[Seq, tuple[list[int], int]]:
         """The step's drafts: each drafting sequence's n-gram continuation, as long as
@@ -425,7 +441,7 @@ class LlamaEngine:
             base,
             len(decoding),
             room,
-            self.costs,
+            self._costs(len(decoding)),
             self.acceptance,
         )
         return {seq: (d[:k], m) for (seq, d, m), k in zip(candidates, lengths, strict=True) if k}

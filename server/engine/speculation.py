@@ -58,6 +58,8 @@ MARGIN = 1.15
 """A plan must promise this much more throughput than plain decoding: step costs are the
 fastest of recent samples and acceptance an average, so a thin margin drafts where it
 only breaks even (with 1.05, prose and 8 streams measured 0.95-0.96x plain here)."""
+BORROW = 2.0
+"""How much more a row costs, until measured, among several sequences than alone."""
 EXPLORE_ROWS = 16
 """The most rows a step that explores may have."""
 SAMPLES = 16
@@ -395,53 +397,58 @@ _POSITION_BIN = tuple(
 
 @dataclass
 class StepCosts:
-    """Seconds a decode of n tokens takes (each with its logits), as one step plus a cost
-    per extra token: t(n) = t(1) + slope * (n - 1). Each size's time is the fastest of its
-    last SAMPLES steps (a step is only ever slowed: by a size's first graph, another
-    thread holding the GIL, a shared machine); the slope is the median over the sizes
-    measured of (t(n) - t(1)) / (n - 1)."""
+    """Seconds a decode of n tokens takes (each with its logits), for one number of
+    decoding sequences (`costs_bucket`): each size's time is the fastest of its last
+    SAMPLES steps (a step is only ever slowed: by a size's first graph, another thread
+    holding the GIL, a shared machine), and past the largest size measured a slope per
+    extra token, the median over the sizes of (t(n) - t(base)) / (n - base) from the
+    smallest size (the plain step)."""
 
+    fallback: StepCosts | None = None
+    """Another table (one sequence's) whose slope, times BORROW, prices rows while this
+    one has measured a single size."""
     _samples: dict[int, deque[float]] = field(default_factory=dict)
     _median: dict[int, float] = field(default_factory=dict)
     _sizes: list[int] = field(default_factory=list)
-    _one: float | None = None
     _slope: float | None = None
 
     def observe(self, n: int, seconds: float) -> None:
         kept = self._samples.get(n)
         if kept is None:
             kept = self._samples[n] = deque(maxlen=SAMPLES)
-        kept.append(seconds)
-        if n not in self._median:
             bisect.insort(self._sizes, n)
+        kept.append(seconds)
         self._median[n] = min(kept)
         self._fit()
 
     def _fit(self) -> None:
-        one = self._median.get(1)
-        if one is None:
-            return
-        slopes = [(t - one) / (n - 1) for n, t in self._median.items() if n > 1]
-        self._one = one
+        base = self._sizes[0]
+        t0 = self._median[base]
+        slopes = [(t - t0) / (n - base) for n, t in self._median.items() if n > base]
         self._slope = max(statistics.median(slopes), 0.0) if slopes else None
 
     def estimate(self, n: int) -> float | None:
         """t(n): between two measured sizes, the line through them (a batch's cost grows
         more slowly than its rows on many machines); past the largest, that size's time
-        plus the fitted slope per extra token."""
-        if self._one is None or (n > 1 and self._slope is None):
+        plus the slope per extra token (borrowed while there is none); None below the
+        smallest size or with nothing to price extra rows by."""
+        sizes = self._sizes
+        if not sizes or n < sizes[0]:
             return None
         known = self._median.get(n)
         if known is not None:
             return known
-        sizes = self._sizes
         i = bisect.bisect_left(sizes, n)  # sizes[i - 1] < n < sizes[i]
-        if 0 < i < len(sizes):
+        if i < len(sizes):
             below, above = sizes[i - 1], sizes[i]
             t0, t1 = self._median[below], self._median[above]
             return t0 + (t1 - t0) * (n - below) / (above - below)
-        base = sizes[i - 1] if i > 0 else 1
-        return self._median.get(base, self._one) + (self._slope or 0.0) * (n - base)
+        slope = self._slope
+        if slope is None and self.fallback is not None:
+            slope = None if self.fallback._slope is None else self.fallback._slope * BORROW
+        if slope is None:
+            return None
+        return self._median[sizes[-1]] + slope * (n - sizes[-1])
 
     def sizes(self) -> list[int]:
         """The step sizes measured, smallest first."""
@@ -452,6 +459,18 @@ class StepCosts:
         if self._slope is not None:
             out["per_extra_token"] = round(self._slope * 1000, 3)
         return out
+
+
+BUCKET_NAMES = ("1", "2", "3-4", "5-8", "9+")
+"""The numbers of decoding sequences of each `costs_bucket`."""
+
+
+def costs_bucket(sequences: int) -> int:
+    """Steps are timed apart by how many sequences decode in them: 1, 2, 3-4, 5-8, 9+.
+    A step's rows cost more the more cells the sequences attend over (measured here: 32
+    rows cost 0.2 s for one sequence and 1.3 s among eight), so one sequence's
+    calibration would price drafts among many far too low."""
+    return min(max(sequences, 1) - 1, 8).bit_length()
 
 
 def plan(

@@ -198,3 +198,15 @@ def test_auto_explores_a_match_length_it_knows_little_of_only_where_it_could_pay
     for _ in range(Acceptance.REVISIT):
         assert plan([(drafter, [7] * MAX_DRAFT, 20)], 1, 1, 500, cpu_costs(), prose) == [0]
     assert prose.exploring(20)
+
+
+def test_steps_among_many_sequences_are_priced_by_their_own_measurements() -> None:
+    alone = cpu_costs()
+    among = StepCosts(fallback=alone)
+    among.observe(8, 0.077)  # eight sequences' plain step
+    assert among.estimate(4) is None  # fewer rows than its plain step: never asked
+    borrowed = among.estimate(16) or 0
+    assert abs(borrowed - (0.077 + 2 * 8 * (alone._slope or 0))) < 1e-9  # BORROW x alone
+    among.observe(32, 1.288)  # measured: rows among eight cost far more than alone
+    assert (among.estimate(16) or 0) > 0.5
+    assert StepCosts().estimate(1) is None
