@@ -208,5 +208,5 @@ def test_steps_among_many_sequences_are_priced_by_their_own_measurements() -> No
     borrowed = among.estimate(16) or 0
     assert abs(borrowed - (0.077 + 2 * 8 * (alone._slope or 0))) < 1e-9  # BORROW x alone
     among.observe(32, 1.288)  # measured: rows among eight cost far more than alone
-    assert (among.estimate(16) or 0) > 0.5
+    assert (among.estimate(16) or 0) > 0.4  # the line from 8 to 32 rows
     assert StepCosts().estimate(1) is None
