@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import anthropic
 import pytest
 
@@ -12,8 +14,13 @@ SYSTEM = "You are a helpful assistant who answers briefly. " * 20  # a prefix wo
 
 
 @pytest.fixture
-def claude(server_url: str) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=server_url, api_key="unused", max_retries=0, timeout=120)
+def claude(server_url: str) -> Iterator[anthropic.Anthropic]:
+    # Closed after each test: a pooled socket left to the garbage collector is a
+    # ResourceWarning in whichever later test it is collected in.
+    with anthropic.Anthropic(
+        base_url=server_url, api_key="unused", max_retries=0, timeout=120
+    ) as client:
+        yield client
 
 
 def test_text_streamed_and_not(claude: anthropic.Anthropic) -> None:

@@ -76,25 +76,30 @@ def _stream(client: anthropic.Anthropic, body: dict[str, Any]) -> list[Any]:
 
 @pytest.mark.timeout(1800)
 def test_two_turns_reuse_the_prefix(server: Server) -> None:
-    client = anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0, timeout=1800)
-    body = json.loads(BODY.read_text())
-    body["max_tokens"] = 16  # the captured 32000 is a cap; a short reply keeps this quick
-    turn1 = _stream(client, body)
-    start = turn1[0].message
-    assert start.model == "smollm2-32k"  # claude-sonnet-4-5 is served by the default model
-    prompt1 = start.usage.input_tokens + (start.usage.cache_read_input_tokens or 0)
-    assert prompt1 > 15_000
+    with anthropic.Anthropic(
+        base_url=server.url, api_key="x", max_retries=0, timeout=1800
+    ) as client:
+        body = json.loads(BODY.read_text())
+        body["max_tokens"] = 16  # the captured 32000 is a cap; a short reply keeps this quick
+        turn1 = _stream(client, body)
+        start = turn1[0].message
+        assert start.model == "smollm2-32k"  # claude-sonnet-4-5 is served by the default model
+        prompt1 = start.usage.input_tokens + (start.usage.cache_read_input_tokens or 0)
+        assert prompt1 > 15_000
 
-    body["system"][0]["text"] = body["system"][0]["text"].replace("cch=a5145", "cch=9f3c1")
-    body["messages"] += [
-        {"role": "assistant", "content": [{"type": "text", "text": "Hello!"}]},
-        {"role": "user", "content": [{"type": "text", "text": "Now say it in French."}]},
-    ]
-    turn2 = _stream(client, body)
-    usage = turn2[0].message.usage
-    assert (usage.cache_read_input_tokens or 0) >= prompt1 - 64  # turn 1's prefix, reused
-    assert usage.input_tokens < 200
-    counted = client.messages.count_tokens(
-        model=body["model"], messages=body["messages"], system=body["system"], tools=body["tools"]
-    )
-    assert counted.input_tokens == usage.input_tokens + (usage.cache_read_input_tokens or 0)
+        body["system"][0]["text"] = body["system"][0]["text"].replace("cch=a5145", "cch=9f3c1")
+        body["messages"] += [
+            {"role": "assistant", "content": [{"type": "text", "text": "Hello!"}]},
+            {"role": "user", "content": [{"type": "text", "text": "Now say it in French."}]},
+        ]
+        turn2 = _stream(client, body)
+        usage = turn2[0].message.usage
+        assert (usage.cache_read_input_tokens or 0) >= prompt1 - 64  # turn 1's prefix, reused
+        assert usage.input_tokens < 200
+        counted = client.messages.count_tokens(
+            model=body["model"],
+            messages=body["messages"],
+            system=body["system"],
+            tools=body["tools"],
+        )
+        assert counted.input_tokens == usage.input_tokens + (usage.cache_read_input_tokens or 0)
