@@ -61,14 +61,16 @@ def test_text_completion_keeps_the_tags(server_url: str) -> None:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_anthropic_thinking_blocks(server_url: str, stream: bool) -> None:
-    claude = anthropic.Anthropic(base_url=server_url, api_key="x", max_retries=0, timeout=120)
     body: dict[str, Any] = {"model": "smollm2-135m", "max_tokens": 80, "messages": ASK,
                             "extra_body": {"temperature": 0, "grammar": THINKING}}  # fmt: skip
-    if stream:
-        with claude.messages.stream(**body) as s:
-            m = s.get_final_message()
-    else:
-        m = claude.messages.create(**body)
+    with anthropic.Anthropic(
+        base_url=server_url, api_key="x", max_retries=0, timeout=120
+    ) as claude:
+        if stream:
+            with claude.messages.stream(**body) as s:
+                m = s.get_final_message()
+        else:
+            m = claude.messages.create(**body)
     assert [b.type for b in m.content] == ["thinking", "text"]
     assert m.content[0].thinking and m.content[0].signature  # type: ignore[union-attr]
     assert "<think>" not in m.content[1].text  # type: ignore[union-attr]
