@@ -101,13 +101,9 @@ class NgramIndex:
     def _build(self, tokens: Sequence[int]) -> None:
         n = self.n
         toks = self.tokens = list(tokens)
-        ends: dict[tuple[int, ...], list[int]] = {}
+        self._ends = {}
         for end in range(n, len(toks)):
-            at = ends.setdefault(tuple(toks[end - n : end]), [])
-            at.append(end)
-            if len(at) > OCCURRENCES:
-                del at[0]
-        self._ends = ends
+            self._index(end)
         self._src: list[int] = toks
         """The tokens the copy is made of: these (prompt and output), or an earlier
         sequence's from the history."""
@@ -124,10 +120,7 @@ class NgramIndex:
         toks.append(token)
         end = len(toks) - 1
         if end >= self.n:
-            at = self._ends.setdefault(tuple(toks[end - self.n : end]), [])
-            at.append(end)
-            if len(at) > OCCURRENCES:
-                del at[0]
+            self._index(end)
         if self._cursor is not None:
             step = self._next(self._cursor, self._pending)
             if step is not None and step[0] == token:
@@ -141,6 +134,17 @@ class NgramIndex:
             return
         if self._left is not None:
             self._resync()
+
+    def _index(self, end: int) -> None:
+        """Note that the n-gram before `end` occurred there (its last OCCURRENCES kept)."""
+        at = self._ends.setdefault(tuple(self.tokens[end - self.n : end]), [])
+        at.append(end)
+        if len(at) > OCCURRENCES:
+            del at[0]
+
+    def ends(self, key: tuple[int, ...]) -> list[int] | None:
+        """Where the n-gram `key` last ended (its latest occurrences, oldest first)."""
+        return self._ends.get(key)
 
     def truncate(self, length: int) -> None:
         """Forget tokens from `length` on (a banned phrase rewound them): rebuilt (the
@@ -156,9 +160,11 @@ class NgramIndex:
             return [], 0
         if self._cursor is None and not self._start():
             return [], 0
-        out: list[int] = []
         cursor, pending = self._cursor, self._pending
         assert cursor is not None
+        if not pending and not self._subs:
+            return self._src[cursor : cursor + limit], self._run  # a plain copy: a slice
+        out: list[int] = []
         while len(out) < limit:
             step = self._next(cursor, pending)
             if step is None:
@@ -262,7 +268,7 @@ class History:
         """(tokens, ends) of each kept sequence where `key` occurred, newest first."""
         out = []
         for index in reversed(self._kept):
-            ends = index._ends.get(key)
+            ends = index.ends(key)
             if ends:
                 out.append((index.tokens, ends))
         return out
@@ -517,8 +523,9 @@ def plan(
             else:
                 k = _best_length(gains, tokens, outputs, plain, costs)
                 if k == 0:
-                    if acceptance.bucket(matched) not in declined:  # once a step: at 8
-                        declined.add(acceptance.bucket(matched))  # streams, not 8 times
+                    bucket = acceptance.bucket(matched)
+                    if bucket not in declined:  # once a step (at 8 streams, not 8 times)
+                        declined.add(bucket)
                         acceptance.declined(matched)
                     continue
         outputs += gains[k - 1]

@@ -102,8 +102,10 @@ def test_a_request_sent_again_drafts_what_the_first_one_wrote() -> None:
     steps, _, misses = _copy(again, answer)
     assert misses == 0 and steps <= 4
     # Its own tokens win a tie: a prompt that repeats itself copies itself.
-    own = NgramIndex([*prompt, 7, *prompt[:10]], history=history)
-    assert own.draft(4)[0] == prompt[10:14]
+    other = History()
+    other.add(NgramIndex([*prompt[:10], 900, 901, 902, 903]))  # as long a match
+    own = NgramIndex([*prompt, 7, *prompt[:10]], history=other)
+    assert own.draft(4) == (prompt[10:14], 10)
 
 
 def test_step_costs_fit_a_line_from_the_fastest_samples() -> None:
